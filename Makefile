@@ -1,0 +1,25 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned in the same pip call as nnunetv2: otherwise its dependencies pull a multi-GB CUDA build.
+PIP_PINS := torch==2.13.0 nnunetv2==2.8.1
+
+.PHONY: install demo test clean
+
+$(BIN)/lifelong-nnunet: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(PIP_PINS) -e '.[test]'
+	touch $@
+
+install: $(BIN)/lifelong-nnunet
+
+demo: install
+	$(BIN)/lifelong-nnunet demo -o runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""lifelong-nnunet: continual learning for 3D medical image segmentation on nnU-Net v2."""

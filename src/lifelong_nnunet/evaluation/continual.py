@@ -1,0 +1,114 @@
+"""The result matrix R[stage][task] and the continual-learning metrics computed from it.
+
+Formulas and sources are in docs/metrics.md. Every returned number is a python float or None (undefined),
+never NaN, so summaries can go straight to JSON.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+
+def result_matrix(results: pd.DataFrame, tasks: list[str], metric: str = "dice") -> pd.DataFrame:
+    """R[stage][task]: mean over the task's test cases of each case's mean over its foreground labels.
+
+    Averaging per case first weighs every case equally whatever its number of labels. The index runs over
+    every stage 0..S (a stage or task without results is a NaN cell, not a missing row) so that row i of
+    ``R.to_numpy()`` is stage i, as ``continual_metrics`` expects.
+    """
+    rows = results[results["metric"] == metric]
+    per_case = rows.groupby(["stage", "eval_task", "case"])["value"].mean()
+    per_task = per_case.groupby(level=["stage", "eval_task"]).mean().unstack("eval_task")
+    n_stages = int(results["stage"].max()) + 1 if len(results) else 0
+    R = per_task.reindex(index=range(n_stages), columns=list(tasks)).astype(float)
+    R.index.name, R.columns.name = "stage", None
+    return R
+
+
+def stage_labels(results: pd.DataFrame) -> list[str]:
+    """Row labels matching ``result_matrix``'s index: "before training" for stage 0, "after <trained_on>" after."""
+    trained = results.drop_duplicates("stage").set_index("stage")["trained_on"]
+    n_stages = int(results["stage"].max()) + 1 if len(results) else 0
+    return [
+        "before training" if s == 0 else f"after {trained[s]}" if s in trained.index else f"stage {s}"
+        for s in range(n_stages)
+    ]
+
+
+def continual_metrics(R: np.ndarray) -> dict:
+    """Continual metrics of a sequential schedule; R has shape (T+1, T), row 0 before training.
+
+    With a(i, j) = R[i][j-1] (stage i, task j, both 1-based as in the papers):
+    final_average = mean_j a(T, j); plasticity = mean_j a(j, j);
+    bwt = mean_{j<T} a(T, j) - a(j, j); fwt = mean_{j>1} a(j-1, j) - a(0, j);
+    forgetting_j = max_{j<=i<T} a(i, j) - a(T, j) for j < T. The max starts at stage j (when task j was
+    learned): Chaudhry et al. take all stages 1..T-1, but before stage j the task was never trained, so those
+    stages only matter when transfer beat learning, which would count as forgetting something never learned.
+
+    Aggregates are None when any of their terms is undefined (NaN cell), rather than a mean over the
+    remaining tasks that would silently change the definition; bwt, fwt and forgetting are None when T == 1.
+    """
+    R = np.asarray(R, dtype=float)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] + 1 or R.shape[1] < 1:
+        raise ValueError(f"result matrix must have shape (T+1, T) with T >= 1, got {R.shape}")
+    T = R.shape[1]
+
+    def a(i: int, j: int) -> float:
+        return R[i, j - 1]
+
+    forgetting = (
+        [_num(np.max([a(i, j) for i in range(j, T)]) - a(T, j)) for j in range(1, T)] if T > 1 else None
+    )
+    return {
+        "n_tasks": T,
+        "final_per_task": [_num(a(T, j)) for j in range(1, T + 1)],
+        "final_average": _mean(a(T, j) for j in range(1, T + 1)),
+        "plasticity": _mean(a(j, j) for j in range(1, T + 1)),
+        "bwt": _mean(a(T, j) - a(j, j) for j in range(1, T)) if T > 1 else None,
+        "fwt": _mean(a(j - 1, j) - a(0, j) for j in range(2, T + 1)) if T > 1 else None,
+        "forgetting": forgetting,
+        "mean_forgetting": _mean(math.nan if f is None else f for f in forgetting) if forgetting else None,
+    }
+
+
+def reference_gaps(
+    R_final: dict[str, float], separate: dict[str, float] | None, joint_final_average: float | None
+) -> dict:
+    """Distance of the final model to its references: per task vs. the model trained on that task alone
+    (``separate``), and the final average vs. ``joint`` training on all tasks at once (the upper bound).
+
+    Negative gaps mean the continual model is worse than the reference. None where a reference (or the
+    task's final score) is missing; the mean gap is None unless every task has one.
+    """
+    per_task = {
+        task: _num(_f(value) - _f(separate.get(task))) if separate is not None else None
+        for task, value in R_final.items()
+    }
+    final_average = _mean(_f(v) for v in R_final.values())
+    return {
+        "vs_separate": per_task,
+        "mean_vs_separate": _mean(math.nan if g is None else g for g in per_task.values()),
+        "final_average": final_average,
+        "vs_joint": (
+            _num(final_average - joint_final_average)
+            if final_average is not None and _num(joint_final_average) is not None
+            else None
+        ),
+    }
+
+
+def _f(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _num(value: float | None) -> float | None:
+    """A python float, or None for an undefined value (None / NaN)."""
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    values = list(values)
+    return _num(float(np.mean(values))) if values else None

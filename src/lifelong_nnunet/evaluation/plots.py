@@ -1,0 +1,117 @@
+"""PNG figures of a run (result-matrix heatmap, per-task curves) and of a method comparison.
+
+Figures are built on matplotlib's object API with the Agg canvas (no pyplot global state, no display
+needed) and written atomically so a report never links a half-written image.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Colormap
+from matplotlib.figure import Figure
+
+from lifelong_nnunet.io_utils import atomic_write
+
+
+def plot_result_matrix(
+    R: pd.DataFrame, path: str | os.PathLike, title: str, row_labels: list[str] | None = None
+) -> None:
+    """Heatmap of R (rows = stages, columns = tasks) on a fixed 0..1 scale so runs compare by eye;
+    each cell shows its value, NaN (not evaluated) cells are grey."""
+    values = R.to_numpy(dtype=float)
+    labels = row_labels if row_labels is not None else _default_row_labels(R)
+    n_rows, n_cols = values.shape
+    fig = _figure(max(4.0, 1.3 * n_cols + 3.0), max(2.5, 0.5 * n_rows + 1.5))
+    ax = fig.add_subplot()
+    cmap: Colormap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for i in range(n_rows):
+        for j in range(n_cols):
+            v = values[i, j]
+            text, color = ("—", "black") if math.isnan(v) else (f"{v:.3f}", "black" if v > 0.6 else "white")
+            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=9)
+    ax.set_xticks(range(n_cols), [str(c) for c in R.columns], rotation=30, ha="right")
+    ax.set_yticks(range(n_rows), labels)
+    ax.set_xlabel("evaluated task")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="mean foreground Dice")
+    _save(fig, path)
+
+
+def plot_task_curves(
+    R: pd.DataFrame,
+    path: str | os.PathLike,
+    row_labels: list[str] | None = None,
+    trained_stage: dict[str, int] | None = None,
+    title: str = "Dice per task over the training sequence",
+) -> None:
+    """One line per task across stages; a dotted vertical line in the task's colour marks the stage that
+    trained it, so rises (learning) and later drops (forgetting) read directly."""
+    labels = row_labels if row_labels is not None else _default_row_labels(R)
+    x = np.arange(len(R.index))
+    fig = _figure(max(5.0, 1.1 * len(x) + 2.0), 3.8)
+    ax = fig.add_subplot()
+    for task in R.columns:
+        (line,) = ax.plot(x, R[task].to_numpy(dtype=float), marker="o", label=str(task))
+        if trained_stage and trained_stage.get(task) in R.index:
+            ax.axvline(R.index.get_loc(trained_stage[task]), color=line.get_color(), linestyle=":", alpha=0.8)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_ylabel("mean foreground Dice")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, path)
+
+
+def plot_method_comparison(summaries: dict[str, dict], path: str | os.PathLike) -> None:
+    """Grouped bars per method: final average, BWT and each task's final Dice.
+
+    ``summaries`` maps a method name to its summary (keys ``tasks``, ``final_average``, ``bwt``,
+    ``final_per_task`` as produced with ``continual_metrics``); undefined values get no bar.
+    """
+    tasks: list[str] = []
+    for summary in summaries.values():
+        tasks += [t for t in summary.get("tasks", []) if t not in tasks]
+    groups = ["final average", "BWT"] + [f"final: {t}" for t in tasks]
+    methods = list(summaries)
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(groups))
+    fig = _figure(max(5.0, 1.2 * len(groups) + 2.0), 4.0)
+    ax = fig.add_subplot()
+    for k, method in enumerate(methods):
+        s = summaries[method]
+        per_task = dict(zip(s.get("tasks", []), s.get("final_per_task") or []))
+        heights = [s.get("final_average"), s.get("bwt")] + [per_task.get(t) for t in tasks]
+        ax.bar(
+            x + (k - (len(methods) - 1) / 2) * width,
+            [math.nan if h is None else h for h in heights],
+            width,
+            label=method,
+        )
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(x, groups, rotation=30, ha="right")
+    ax.set_ylabel("Dice / Dice difference")
+    ax.set_title("Method comparison")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _default_row_labels(R: pd.DataFrame) -> list[str]:
+    return ["before training" if s == 0 else f"after stage {s}" for s in R.index]
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

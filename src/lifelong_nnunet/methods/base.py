@@ -1,0 +1,86 @@
+"""The plugin interface every continual method implements.
+
+The runner and the trainer only call these hooks; they never name a method. A new method is one file in this
+package with a subclass of `Method` that sets `name` (discovered automatically, see `methods/__init__.py`).
+Hooks follow the spirit of Avalanche's strategy plugins: the defaults do nothing, a method overrides what it needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..errors import UserInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..nnunet.trainer import ContinualTrainer
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage of a run: which tasks' training data it sees and which weights it starts from.
+
+    ``init`` is ``"previous"`` (the last stage's final weights) or ``"initial"`` (the untrained stage-0 weights).
+    """
+    index: int  # 1-based; stage 0 is the untrained model
+    train_tasks: tuple[str, ...]
+    init: str = "previous"
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.train_tasks)
+
+
+class Method:
+    """Base class: sequential fine-tuning semantics and no extra loss terms.
+
+    Subclasses declare their parameters with defaults in ``params``; unknown parameters are user errors.
+    """
+    name: ClassVar[str] = ""
+    params: ClassVar[dict[str, Any]] = {}
+    #: True when the method keeps (some) earlier-task training data; all others must never write image data.
+    keeps_old_data: ClassVar[bool] = False
+
+    def __init__(self, **overrides: Any) -> None:
+        unknown = sorted(set(overrides) - set(self.params))
+        if unknown:
+            allowed = ", ".join(sorted(self.params)) or "none"
+            raise UserInputError(f"method '{self.name}' has no parameter(s) {unknown}; its parameters are: "
+                                 f"{allowed}. Fix method_params in the spec.")
+        self.config: dict[str, Any] = {**self.params, **overrides}
+
+    # ---- the stage plan ------------------------------------------------------------------------------------
+    def schedule(self, tasks: list[str]) -> list[Stage]:
+        """Default: one stage per task, each starting from the previous stage's weights."""
+        return [Stage(i + 1, (t,), "previous") for i, t in enumerate(tasks)]
+
+    # ---- hooks called by the trainer -----------------------------------------------------------------------
+    def before_stage(self, trainer: "ContinualTrainer", stage: Stage) -> None:
+        """After the network is built and initialised, before the first epoch (snapshot a teacher, ...)."""
+
+    def loss_terms(self, trainer: "ContinualTrainer", data: torch.Tensor, target: Any,
+                   output: Any) -> dict[str, torch.Tensor]:
+        """Extra loss terms added to nnU-Net's task loss in each training step (name -> scalar tensor)."""
+        return {}
+
+    def after_backward(self, trainer: "ContinualTrainer") -> None:
+        """Gradients are available here, before clipping and the optimizer step."""
+
+    def after_step(self, trainer: "ContinualTrainer") -> None:
+        """After the optimizer step."""
+
+    def after_stage(self, trainer: "ContinualTrainer", stage: Stage) -> None:
+        """After the last epoch of a stage (importances, teacher snapshots for the next stage, ...)."""
+
+    def extra_training_sources(self, stage: Stage) -> list[str]:
+        """Names of earlier tasks whose preprocessed training cases are mixed into this stage (rehearsal)."""
+        return []
+
+    # ---- resume --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the method must carry across a restart (tensors and plain Python data only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

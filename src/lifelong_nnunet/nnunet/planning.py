@@ -1,0 +1,116 @@
+"""Shared planning: nnU-Net plans the first task once, and every task is preprocessed with those plans.
+
+One architecture (patch size, network topology, normalisation scheme) then serves the whole sequence. Planning sees
+only the training cases: the run's workspace holds an nnU-Net raw view with links to the non-test cases, so test
+images never influence the fingerprint. Workspaces live in a cache outside the run folder (preprocessed arrays are
+image data; see docs) and are keyed by their inputs, so runs on the same tasks and splits reuse them.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..io_utils import write_json
+from ..tasks import Task
+from .env import nnunet_env
+
+PLANS_NAME = "nnUNetPlans"
+
+
+def workspace_key(tasks: list[Task], configuration: str) -> str:
+    """A hash of what planning depends on: task folders, their training cases and the configuration."""
+    blob = json.dumps({"config": configuration, "plan_source": tasks[0].name,
+                       "tasks": [[str(t.folder), t.train_cases] for t in tasks]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Workspace:
+    """nnU-Net raw/preprocessed folders for one (tasks, splits, configuration) combination."""
+
+    def __init__(self, root: Path, tasks: list[Task], configuration: str) -> None:
+        self.root = Path(root) / workspace_key(tasks, configuration)
+        self.tasks = tasks
+        self.configuration = configuration
+        self.raw = self.root / "nnUNet_raw"
+        self.preprocessed = self.root / "nnUNet_preprocessed"
+
+    @property
+    def done_marker(self) -> Path:
+        return self.root / "planned.json"
+
+    def env(self, **kw):
+        return nnunet_env(self.raw, self.preprocessed, **kw)
+
+    def plans(self, task: Task) -> dict:
+        return json.loads((self.preprocessed / task.name / f"{PLANS_NAME}.json").read_text())
+
+    def preprocessed_folder(self, task: Task) -> Path:
+        data_id = self.plans(task)["configurations"][self.configuration]["data_identifier"]
+        return self.preprocessed / task.name / data_id
+
+    def dataset_json(self, task: Task) -> dict:
+        return json.loads((self.raw / task.name / "dataset.json").read_text())
+
+    def ensure_planned(self, log=print) -> None:
+        """Plan and preprocess once; a finished workspace is reused, an interrupted one is redone from scratch."""
+        if self.done_marker.is_file():
+            log(f"Reusing planned and preprocessed data in {self.root}")
+            return
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        tmp = self.root.with_name(self.root.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self._link_training_cases(tmp / "nnUNet_raw")
+        with nnunet_env(tmp / "nnUNet_raw", tmp / "nnUNet_preprocessed"):
+            _plan_and_preprocess(self.tasks, self.configuration, log)
+        os.replace(tmp, self.root)
+        write_json(self.done_marker, {"tasks": [t.name for t in self.tasks], "configuration": self.configuration})
+
+    def _link_training_cases(self, raw: Path) -> None:
+        for t in self.tasks:
+            dst = raw / t.name
+            (dst / "imagesTr").mkdir(parents=True)
+            (dst / "labelsTr").mkdir()
+            for cid in t.train_cases:
+                case = t.cases[cid]
+                for img in case.images:
+                    (dst / "imagesTr" / img.name).symlink_to(img.resolve())
+                (dst / "labelsTr" / case.label.name).symlink_to(case.label.resolve())
+            djson = dict(t.dataset_json, numTraining=len(t.train_cases))
+            (dst / "dataset.json").write_text(json.dumps(djson, indent=2))
+
+
+def _plan_and_preprocess(tasks: list[Task], configuration: str, log) -> None:
+    # imported here: nnunetv2 reads its folder variables at import time in places, so import inside the env
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                      plan_experiment_dataset, preprocess_dataset)
+    from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import \
+        move_plans_between_datasets
+
+    first = tasks[0]
+    for i, t in enumerate(tasks):
+        log(f"Planning [{i + 1}/{len(tasks)}] {t.name}: fingerprint")
+        with _quiet():
+            extract_fingerprint_dataset(t.dataset_id, num_processes=2, verbose=False, show_progress_bar=False)
+            plan_experiment_dataset(t.dataset_id)  # also places dataset.json where preprocessing needs it
+            if t is not first:
+                move_plans_between_datasets(first.dataset_id, t.dataset_id, PLANS_NAME, PLANS_NAME)
+        log(f"Preprocessing [{i + 1}/{len(tasks)}] {t.name} with the plans of {first.name}")
+        with _quiet():
+            preprocess_dataset(t.dataset_id, PLANS_NAME, (configuration,), (2,), verbose=False,
+                               show_progress_bar=False)
+        # nnU-Net copies the label maps here for its own validation; we evaluate from the raw test files instead
+        shutil.rmtree(Path(os.environ["nnUNet_preprocessed"]) / t.name / "gt_segmentations", ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """nnU-Net prints a lot while planning; keep the console for our progress lines."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield

@@ -1,0 +1,217 @@
+"""`ContinualTrainer`: nnU-Net's own trainer (loss, deep supervision, augmentation, poly LR) with plugin hooks.
+
+What it changes and why:
+- training/validation data come from explicit (preprocessed folder, case list) sources, so a stage can train on
+  one task, several tasks (joint) or a task plus a replay buffer, and test cases are never seen;
+- the training step adds the method's loss terms and calls its hooks; the method is never named here;
+- checkpoints are written atomically every epoch, hold only tensors and plain data (loadable with
+  ``weights_only=True``), and carry the method's state, so a killed stage resumes where it stopped;
+- every epoch is seeded from (seed, stage, epoch), so a resumed stage draws the same random numbers;
+- nnU-Net's console printing is replaced by a progress callback.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class, nnUNetBaseDataset
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+
+from ..io_utils import atomic_write
+from ..methods.base import Method, Stage
+
+LATEST = "checkpoint_latest.pth"
+
+
+@dataclass
+class DataSource:
+    """Preprocessed cases of one task: ``folder`` is nnU-Net's data_identifier folder of that task."""
+    task: str
+    folder: Path
+    train_keys: list[str]
+    val_keys: list[str]
+
+
+class MultiSourceDataset(nnUNetBaseDataset):
+    """Several preprocessed folders seen as one nnU-Net dataset; identifiers are ``task/case``."""
+
+    def __init__(self, parts: dict[str, tuple[type, Path, list[str]]]) -> None:
+        self._parts = {task: cls(str(folder), list(keys)) for task, (cls, folder, keys) in parts.items()}
+        identifiers = [f"{task}/{k}" for task, ds in self._parts.items() for k in ds.identifiers]
+        super().__init__(folder="", identifiers=identifiers)
+
+    def load_case(self, identifier: str):
+        task, key = identifier.split("/", 1)
+        return self._parts[task].load_case(key)
+
+    @staticmethod
+    def save_case(*args, **kwargs):  # pragma: no cover - training never writes cases
+        raise NotImplementedError
+
+    @staticmethod
+    def get_identifiers(folder: str) -> list[str]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def seed_everything(*parts: int) -> None:
+    seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class ContinualTrainer(nnUNetTrainer):
+    """nnUNetTrainer with continual-learning hooks. Call `configure` before `initialize`."""
+
+    def configure(self, *, sources: list[DataSource], method: Method, stage: Stage, epochs: int,
+                  iterations_per_epoch: int, val_iterations: int, initial_lr: float, seed: int,
+                  batch_size: int | None = None,
+                  on_epoch: Callable[[int, int, dict], None] | None = None) -> None:
+        self.sources = sources
+        self.method = method
+        self.stage = stage
+        self.num_epochs = epochs
+        self.num_iterations_per_epoch = iterations_per_epoch
+        self.num_val_iterations_per_epoch = val_iterations
+        self.initial_lr = initial_lr
+        self.seed = seed
+        self.on_epoch = on_epoch
+        self.save_every = 1
+        if batch_size is not None:
+            self.configuration_manager.configuration["batch_size"] = batch_size
+
+    # ---- data ----------------------------------------------------------------------------------------------
+    def get_tr_and_val_datasets(self):
+        cls = infer_dataset_class(str(self.sources[0].folder))
+        train = MultiSourceDataset({s.task: (cls, s.folder, s.train_keys) for s in self.sources})
+        val = MultiSourceDataset({s.task: (cls, s.folder, s.val_keys) for s in self.sources if s.val_keys})
+        return train, val
+
+    # ---- the training step with the method's hooks ---------------------------------------------------------
+    def on_epoch_start(self):
+        seed_everything(self.seed, self.stage.index, self.current_epoch)
+        super().on_epoch_start()
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)
+            task_loss = self.loss(output, target)
+            extra = self.method.loss_terms(self, data, target, output)
+            loss = task_loss + sum(extra.values()) if extra else task_loss
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        self.method.after_backward(self)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        self.method.after_step(self)
+        out = {"loss": loss.detach().cpu().numpy(), "task_loss": task_loss.detach().cpu().numpy()}
+        out.update({k: v.detach().cpu().numpy() for k, v in extra.items()})
+        return out
+
+    def on_epoch_end(self):
+        epoch = self.current_epoch
+        super().on_epoch_end()
+        if self.on_epoch is not None:
+            log = self.logger.local_logger.my_fantastic_logging
+            self.on_epoch(epoch + 1, self.num_epochs, {"train_loss": float(log["train_losses"][-1]),
+                                                       "val_loss": float(log["val_losses"][-1]),
+                                                       "pseudo_dice": float(log["mean_fg_dice"][-1])})
+
+    # ---- checkpoints: atomic, weights_only-loadable, with the method's state ---------------------------------
+    def save_checkpoint(self, filename: str) -> None:
+        if Path(filename).name == "checkpoint_best.pth":
+            return  # continual evaluation uses the final model of each stage; 'best' would only cost I/O
+        checkpoint = {
+            "network_weights": self.network.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": _plain(self.logger.get_checkpoint()),
+            "_best_ema": None if self._best_ema is None else float(self._best_ema),
+            "current_epoch": self.current_epoch + 1,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "method_state": self.method.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+        }
+        atomic_write(filename, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, filename_or_checkpoint: str | dict) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        ckpt = filename_or_checkpoint
+        if not isinstance(ckpt, dict):
+            ckpt = torch.load(ckpt, map_location=self.device, weights_only=True)
+        self.network.load_state_dict(ckpt["network_weights"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        if self.grad_scaler is not None and ckpt["grad_scaler_state"] is not None:
+            self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
+        self.current_epoch = ckpt["current_epoch"]
+        self.logger.load_checkpoint(ckpt["logging"])
+        self._best_ema = ckpt["_best_ema"]
+        self.method.load_state_dict(ckpt["method_state"])
+
+    def latest_checkpoint(self) -> Path:
+        return Path(self.output_folder) / LATEST
+
+    # ---- quiet ---------------------------------------------------------------------------------------------
+    def print_to_log_file(self, *args, also_print_to_console=True, add_timestamp=True):
+        super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
+
+    def plot_network_architecture(self):
+        pass  # needs hiddenlayer and prints warnings without it
+
+    def _save_debug_information(self):
+        pass  # nnU-Net dumps every attribute as strings, including our method objects
+
+
+def _plain(obj: Any) -> Any:
+    """numpy scalars -> Python numbers, so the checkpoint loads with weights_only=True."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def build_trainer(plans: dict, configuration: str, dataset_json: dict, device: torch.device, resume: bool,
+                  results_dir: Path) -> ContinualTrainer:
+    """Construct the trainer class directly (nnU-Net's lookup by name imports torchvision and breaks on CPU)."""
+    from .env import nnunet_env
+    plans = dict(plans, continue_training=resume)
+    with nnunet_env(results=results_dir):
+        trainer = ContinualTrainer(plans, configuration, 0, dataset_json, device)
+    return trainer
+
+
+def build_network(plans: dict, configuration: str, dataset_json: dict, deep_supervision: bool = False):
+    """The network nnU-Net would build for these plans (He-initialised), without a trainer."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    n_in = determine_num_input_channels(pm, cm, dataset_json)
+    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
+    return nnUNetTrainer.build_network_architecture(pm, cm, n_in, n_out, deep_supervision)

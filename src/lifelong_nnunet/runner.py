@@ -1,0 +1,277 @@
+"""The stage loop: check inputs -> plan once -> stage 0 -> (train -> evaluate every task -> save) per stage -> report.
+
+Everything a stage produces is written atomically, and a stage counts as done only when its evaluation file exists,
+so a run killed at any point and started again with the same command continues from the last checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .console import RunLog, progress_bar
+from .errors import UserInputError
+from .experiment import Experiment
+from .io_utils import atomic_write, read_json, write_json
+from .methods import Method, Stage, create_method
+from .tasks import LabelRegistry, Task, check_case, check_sequence, load_task, make_test_split, resolve_task_folder
+
+RESULT_COLUMNS = ["stage", "trained_on", "eval_task", "case", "label", "metric", "value"]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LIFELONG_NNUNET_CACHE", Path.home() / ".cache" / "lifelong-nnunet"))
+
+
+@dataclass
+class RunFolder:
+    """Paths inside a run folder (one experiment)."""
+    root: Path
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "experiment.json"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.json"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "run.log"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    def stage_dir(self, index: int) -> Path:
+        return self.root / "stages" / f"stage_{index}"
+
+    def model(self, index: int) -> Path:
+        return self.stage_dir(index) / "model.pt"
+
+    def stage_eval(self, index: int) -> Path:
+        return self.stage_dir(index) / "eval.csv"
+
+
+def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], LabelRegistry]:
+    """Every check on the spec, the data and the run folder. Writes nothing."""
+    run = RunFolder(Path(run_dir))
+    raw_root = exp.raw_root or os.environ.get("nnUNet_raw")
+    tasks = [load_task(resolve_task_folder(t, Path(raw_root) if raw_root else None)) for t in exp.tasks]
+    check_sequence(tasks, exp.scenario)
+    if exp.device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("device 'cuda' was requested but no CUDA GPU is visible. Use device 'auto' or 'cpu'.")
+    if run.spec.is_file():
+        stored = read_json(run.spec)
+        if stored != exp.identity():
+            diff = sorted(k for k in set(stored) | set(exp.identity()) if stored.get(k) != exp.identity().get(k))
+            raise UserInputError(
+                f"{run.root} already holds a different experiment (differs in: {', '.join(diff)}). Use a new output "
+                f"folder, or repeat the original command to resume that run.")
+    elif run.root.exists() and any(run.root.iterdir()):
+        raise UserInputError(f"{run.root} exists and is not empty, but holds no lifelong-nnunet run "
+                             f"(experiment.json is missing). Choose an empty or new output folder.")
+    stored_splits = read_json(run.splits) if run.splits.is_file() else {}
+    total = sum(len(t.cases) for t in tasks)
+    with progress_bar(log.quiet) as bar:
+        job = bar.add_task("Checking data", total=total, info="")
+        for t in tasks:
+            for case in t.cases.values():
+                check_case(t, case)
+                bar.advance(job)
+            t.test_cases = stored_splits.get(t.name) or make_test_split(
+                t, exp.test_split.fraction, exp.test_split.min_cases, exp.seed)
+    registry = LabelRegistry()
+    for t in tasks:
+        registry.add_task(t.name, t.labels)
+    return tasks, registry
+
+
+def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = False) -> dict:
+    """Run (or resume) an experiment into ``run_dir`` and return its summary."""
+    from .evaluation.summary import write_summary_and_report
+    from .nnunet.planning import Workspace
+
+    run = RunFolder(Path(run_dir).resolve())
+    log = RunLog(None, quiet)
+    tasks, registry = prepare(exp, run.root, log)
+    method = create_method(exp.method, exp.method_params)
+    stages = method.schedule([t.name for t in tasks])
+    if run.summary.is_file() and all(run.stage_eval(s.index).is_file() for s in stages):
+        log(f"Run in {run.root} is already complete; nothing to do. (Use 'lifelong-nnunet report' to re-render.)")
+        return read_json(run.summary)
+
+    log.path = run.log
+    write_json(run.spec, exp.identity())
+    write_json(run.splits, {t.name: t.test_cases for t in tasks})
+    write_json(run.root / "labels.json", registry.to_dict())
+    log(f"Run {run.root}: method '{method.name}', {len(tasks)} task(s), {len(stages)} stage(s), "
+        f"configuration {exp.configuration}")
+
+    workspace = Workspace(Path(exp.cache_dir) if exp.cache_dir else default_cache_dir(), tasks,
+                          exp.configuration)
+    workspace.ensure_planned(log)
+    plans = workspace.plans(tasks[0])
+    write_json(run.root / "plans.json", plans)
+    write_json(run.root / "dataset.json", workspace.dataset_json(tasks[0]))
+
+    from .nnunet.env import resolve_device
+    device = resolve_device(exp.device)
+    ctx = StageContext(exp, run, workspace, tasks, method, device, log)
+    ctx.ensure_initial_model()
+    ctx.evaluate(0, "none")
+    for stage in stages:
+        if run.stage_eval(stage.index).is_file():
+            log(f"Stage {stage.index} ({stage.label}) already done, skipping")
+            ctx.load_method_state(stage.index)
+            continue
+        ctx.train(stage)
+        ctx.evaluate(stage.index, stage.label)
+    results = pd.concat([pd.read_csv(run.stage_eval(i)) for i in [0] + [s.index for s in stages]])
+    atomic_write(run.results, lambda tmp: results.to_csv(tmp, index=False))
+    summary = write_summary_and_report(run.root)
+    log(f"Done. Report: {run.root / 'report.md'}")
+    return summary
+
+
+class StageContext:
+    """State shared by the stages of one run (the workspace, the method, the device)."""
+
+    def __init__(self, exp: Experiment, run: RunFolder, workspace, tasks: list[Task], method: Method,
+                 device: torch.device, log: RunLog) -> None:
+        self.exp, self.run, self.workspace, self.tasks = exp, run, workspace, tasks
+        self.method, self.device, self.log = method, device, log
+        self.by_name = {t.name: t for t in tasks}
+        self.plans = workspace.plans(tasks[0])
+        self.dataset_json = workspace.dataset_json(tasks[0])
+
+    # ---- models --------------------------------------------------------------------------------------------
+    def ensure_initial_model(self) -> None:
+        """Stage 0: nnU-Net's He-initialised network, seeded. Every stage-1 (and `initial`) start is this model."""
+        from .nnunet.trainer import build_network, seed_everything
+        path = self.run.model(0)
+        if path.is_file():
+            return
+        seed_everything(self.exp.seed)
+        net = build_network(self.plans, self.exp.configuration, self.dataset_json, deep_supervision=True)
+        save_model(path, net.state_dict(), {})
+
+    def load_method_state(self, index: int) -> None:
+        self.method.load_state_dict(load_model(self.run.model(index))["method_state"])
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def sources(self, stage: Stage):
+        from .nnunet.trainer import DataSource
+        names = list(dict.fromkeys([*self.method.extra_training_sources(stage), *stage.train_tasks]))
+        out = []
+        for name in names:
+            t = self.by_name[name]
+            keys = t.train_cases
+            n_val = max(1, int(round(self.exp.validation_fraction * len(keys))))
+            rng = np.random.default_rng(self.exp.seed + t.dataset_id + 7)
+            order = rng.permutation(keys).tolist()
+            val, train = sorted(order[:n_val]), sorted(order[n_val:])
+            out.append(DataSource(name, self.workspace.preprocessed_folder(t), train, val))
+        return out
+
+    def train(self, stage: Stage) -> None:
+        from .nnunet.trainer import build_trainer
+        run, exp = self.run, self.exp
+        if run.model(stage.index).is_file():
+            self.load_method_state(stage.index)
+            return
+        first = self.by_name[stage.train_tasks[0]]
+        stage_dir = run.stage_dir(stage.index)
+        init_from = run.model(stage.index - 1 if stage.init == "previous" else 0)
+        with self.workspace.env(results=stage_dir / "nnunet"), contextlib.redirect_stdout(io.StringIO()):
+            trainer = build_trainer(self.workspace.plans(first), exp.configuration, self.dataset_json, self.device,
+                                    resume=True, results_dir=stage_dir / "nnunet")
+        t = exp.training
+        with progress_bar(self.log.quiet) as bar:
+            job = bar.add_task(f"Stage {stage.index} [{stage.label}] epochs", total=t.epochs, info="")
+
+            def on_epoch(epoch, total, stats):
+                bar.update(job, completed=epoch, info=f"loss {stats['train_loss']:.3f} "
+                                                      f"pseudo-Dice {stats['pseudo_dice']:.3f}")
+                self.log.path and RunLog(self.log.path, quiet=True)(
+                    f"stage {stage.index} epoch {epoch}/{total} " + " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
+
+            trainer.configure(sources=self.sources(stage), method=self.method, stage=stage, epochs=t.epochs,
+                              iterations_per_epoch=t.iterations_per_epoch, val_iterations=t.val_iterations,
+                              initial_lr=t.initial_lr, seed=exp.seed, batch_size=t.batch_size, on_epoch=on_epoch)
+            with self.workspace.env(results=stage_dir / "nnunet"), contextlib.redirect_stdout(io.StringIO()):
+                trainer.initialize()
+                trainer.network.load_state_dict(load_model(init_from)["network_weights"])
+                self.method.before_stage(trainer, stage)
+                latest = trainer.latest_checkpoint()
+                if latest.is_file():
+                    trainer.load_checkpoint(str(latest))
+                    bar.update(job, completed=trainer.current_epoch)
+                    self.log(f"Stage {stage.index}: resuming from epoch {trainer.current_epoch}")
+                started = time.time()
+                trainer.run_training()
+            self.method.after_stage(trainer, stage)
+        save_model(run.model(stage.index), trainer.network.state_dict(), self.method.state_dict(),
+                   {"stage": stage.index, "trained_on": list(stage.train_tasks),
+                    "train_seconds": time.time() - started, "epochs": t.epochs,
+                    "iterations_per_epoch": t.iterations_per_epoch})
+        final = Path(trainer.output_folder) / "checkpoint_final.pth"
+        final.unlink(missing_ok=True)  # model.pt holds the weights; the optimizer state is not needed any more
+        self.log(f"Stage {stage.index} [{stage.label}] trained in {time.time() - started:.0f} s")
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+    def evaluate(self, index: int, trained_on: str) -> None:
+        """Predict every task's test cases with the stage's model and score them."""
+        from .evaluation.metrics import score_case
+        from .nnunet.predictor import Segmenter, read_label
+        from .nnunet.trainer import build_network
+        out = self.run.stage_eval(index)
+        if out.is_file():
+            return
+        net = build_network(self.plans, self.exp.configuration, self.dataset_json, deep_supervision=False)
+        net.load_state_dict(load_model(self.run.model(index))["network_weights"])
+        rows = []
+        n_cases = sum(len(t.test_cases) for t in self.tasks)
+        started = time.time()
+        with progress_bar(self.log.quiet) as bar:
+            job = bar.add_task(f"Evaluating stage {index}", total=n_cases, info="")
+            for t in self.tasks:
+                seg = Segmenter(net, self.workspace.plans(t), self.exp.configuration, self.dataset_json,
+                                self.device, self.exp.evaluation.mirroring, self.exp.evaluation.tile_step_size)
+                for cid in t.test_cases:
+                    case = t.cases[cid]
+                    pred, _ = seg.predict_files(list(case.images))
+                    ref = read_label(case.label)
+                    for row in score_case(pred, ref, {k: v for k, v in t.labels.items() if v != 0}):
+                        rows.append({"stage": index, "trained_on": trained_on, "eval_task": t.name, "case": cid,
+                                     **row})
+                    bar.advance(job, 1)
+                    bar.update(job, info=t.short_name)
+        df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+        atomic_write(out, lambda tmp: df.to_csv(tmp, index=False))
+        mean = df[df.metric == "dice"].groupby("eval_task").value.mean()
+        self.log(f"Stage {index} evaluated in {time.time() - started:.0f} s: "
+                 + ", ".join(f"{self.by_name[k].short_name} Dice {v:.3f}" for k, v in mean.items()))
+
+
+def save_model(path: Path, weights: dict, method_state: dict, info: dict | None = None) -> None:
+    payload = {"network_weights": {k: v.detach().cpu() for k, v in weights.items()},
+               "method_state": method_state, "info": info or {}}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_model(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)

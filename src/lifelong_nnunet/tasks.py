@@ -1,0 +1,242 @@
+"""Tasks: an nnU-Net raw dataset plus its fixed held-out test split, checked before any work starts.
+
+A task is a folder ``DatasetXXX_Name`` in nnU-Net v2 raw format. Every check that can fail on the user's data runs
+here, up front, so a bad dataset stops the run before anything is written (exit code 2, one paragraph).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import UserInputError
+
+DATASET_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
+GEOMETRY_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case of a raw dataset: its channel images and its label map."""
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path
+
+
+@dataclass
+class Task:
+    """An nnU-Net raw dataset used as one stage of a continual sequence."""
+    folder: Path
+    dataset_json: dict
+    cases: dict[str, Case]
+    test_cases: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def dataset_id(self) -> int:
+        return int(DATASET_RE.match(self.name).group(1))
+
+    @property
+    def short_name(self) -> str:
+        return DATASET_RE.match(self.name).group(2)
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Label name -> integer value, background included (regions are not supported)."""
+        return {k: int(v) for k, v in self.dataset_json["labels"].items()}
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.dataset_json["channel_names"])
+
+    @property
+    def file_ending(self) -> str:
+        return self.dataset_json["file_ending"]
+
+    @property
+    def train_cases(self) -> list[str]:
+        return [c for c in sorted(self.cases) if c not in set(self.test_cases)]
+
+
+def resolve_task_folder(spec: str | int | Path, raw_root: Path | None = None) -> Path:
+    """Accept a folder path, a dataset name (``Dataset011_SiteA``) or an ID (``11``) looked up under ``raw_root``."""
+    candidate = Path(str(spec)).expanduser()
+    if candidate.is_dir():
+        return candidate.resolve()
+    if raw_root is not None:
+        raw_root = Path(raw_root)
+        if (raw_root / str(spec)).is_dir():
+            return (raw_root / str(spec)).resolve()
+        if str(spec).isdigit() and raw_root.is_dir():
+            hits = sorted(raw_root.glob(f"Dataset{int(spec):03d}_*"))
+            if len(hits) == 1:
+                return hits[0].resolve()
+    where = f" or under the raw folder {raw_root}" if raw_root else ""
+    raise UserInputError(
+        f"Task '{spec}' was not found: no such folder{where}. Give the path of an nnU-Net raw dataset folder "
+        f"(DatasetXXX_Name containing dataset.json, imagesTr/ and labelsTr/), or set 'raw_root' in the spec "
+        f"(or nnUNet_raw) and give the dataset name or ID.")
+
+
+def load_task(folder: Path) -> Task:
+    """Read dataset.json and pair every label file with its channel images. Raises UserInputError on any gap."""
+    folder = Path(folder)
+    if not DATASET_RE.match(folder.name):
+        raise UserInputError(
+            f"{folder}: the folder name must follow nnU-Net's 'DatasetXXX_Name' pattern (three digits, e.g. "
+            f"Dataset011_SiteA). Rename the folder.")
+    djson_path = folder / "dataset.json"
+    if not djson_path.is_file():
+        raise UserInputError(
+            f"{djson_path} is missing. Every task must be an nnU-Net v2 raw dataset with a dataset.json that lists "
+            f"'channel_names', 'labels', 'numTraining' and 'file_ending'; create it (nnunetv2's "
+            f"generate_dataset_json helps).")
+    try:
+        djson = json.loads(djson_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserInputError(f"{djson_path} is not valid JSON ({e}). Fix the file.") from None
+    missing = [k for k in ("channel_names", "labels", "file_ending") if k not in djson]
+    if missing:
+        raise UserInputError(f"{djson_path} lacks the key(s) {', '.join(missing)}. Add them as nnU-Net v2 expects.")
+    labels = djson["labels"]
+    if any(not isinstance(v, int) for v in labels.values()):
+        raise UserInputError(
+            f"{djson_path}: every entry of 'labels' must be a single integer; region-based labels (lists) are not "
+            f"supported by continual training. Use plain integer labels.")
+    if labels.get("background") != 0:
+        raise UserInputError(f"{djson_path}: 'labels' must map 'background' to 0. Add \"background\": 0.")
+    ending = djson["file_ending"]
+    images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
+    for d in (images_dir, labels_dir):
+        if not d.is_dir():
+            raise UserInputError(f"{d} is missing. Put the training images in imagesTr/ and their label maps in "
+                                 f"labelsTr/, as nnU-Net expects.")
+    n_channels = len(djson["channel_names"])
+    cases: dict[str, Case] = {}
+    for label_file in sorted(labels_dir.glob(f"*{ending}")):
+        case_id = label_file.name[: -len(ending)]
+        images = tuple(images_dir / f"{case_id}_{c:04d}{ending}" for c in range(n_channels))
+        absent = [p for p in images if not p.is_file()]
+        if absent:
+            raise UserInputError(
+                f"{absent[0]} is missing: the label {label_file} needs {n_channels} channel image(s) named "
+                f"{case_id}_XXXX{ending}. Add the image(s) or remove the label file.")
+        cases[case_id] = Case(case_id, images, label_file)
+    if not cases:
+        raise UserInputError(f"{labels_dir} holds no label files ending in '{ending}'. Add the training cases, or "
+                             f"correct 'file_ending' in {djson_path}.")
+    extra = sorted(p.name for p in images_dir.glob(f"*{ending}") if p.name[: -len(ending) - 5] not in cases)
+    if extra:
+        raise UserInputError(f"{images_dir / extra[0]} has no label map in {labels_dir} (and {len(extra) - 1} more "
+                             f"like it). Add the label maps or move those images out of imagesTr/.")
+    return Task(folder=folder, dataset_json=djson, cases=cases)
+
+
+def check_case(task: Task, case: Case) -> None:
+    """Image/label geometry must agree and label values must be integers declared in dataset.json."""
+    reader = sitk.ImageFileReader()
+    geometry = []
+    for path in (*case.images, case.label):
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise UserInputError(f"{path} cannot be read as an image ({str(e).strip().splitlines()[-1]}). Replace "
+                                 f"the file with a valid {task.file_ending} image.") from None
+        geometry.append((path, reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()))
+    ref_path, ref_size, ref_spacing, ref_origin, ref_dir = geometry[-1]
+    for path, size, spacing, origin, direction in geometry[:-1]:
+        if size != ref_size:
+            raise UserInputError(f"{path} has shape {size} but its label {ref_path} has shape {ref_size}. Image and "
+                                 f"label must be on the same voxel grid; resample the label onto the image.")
+        for what, a, b in (("spacing", spacing, ref_spacing), ("origin", origin, ref_origin),
+                           ("direction", direction, ref_dir)):
+            if not np.allclose(a, b, atol=GEOMETRY_TOLERANCE, rtol=GEOMETRY_TOLERANCE):
+                raise UserInputError(
+                    f"{path} and its label {ref_path} disagree in {what} ({tuple(np.round(a, 4))} vs "
+                    f"{tuple(np.round(b, 4))}). Image and label must share geometry; copy the image's header onto "
+                    f"the label (e.g. SimpleITK CopyInformation) after checking they really align.")
+    values = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
+    if np.issubdtype(values.dtype, np.floating) and not np.all(np.mod(values, 1) == 0):
+        raise UserInputError(f"{case.label} holds non-integer label values. A label map must hold integers; round "
+                             f"or re-export it with an integer type.")
+    present = {int(v) for v in np.unique(values)}
+    allowed = set(task.labels.values())
+    unknown = sorted(present - allowed)
+    if unknown:
+        raise UserInputError(
+            f"{case.label} holds label value(s) {unknown} that {task.folder / 'dataset.json'} does not declare "
+            f"(declared: {sorted(allowed)}). Declare them under 'labels' or fix the label map.")
+
+
+def check_sequence(tasks: list[Task], scenario: str) -> None:
+    """Cross-task rules: unique dataset IDs, the same channels, and (domain scenario) identical label sets."""
+    seen: dict[int, Task] = {}
+    for t in tasks:
+        if t.dataset_id in seen:
+            raise UserInputError(f"{t.folder} and {seen[t.dataset_id].folder} share the dataset ID "
+                                 f"{t.dataset_id:03d}. Give each task its own DatasetXXX number.")
+        seen[t.dataset_id] = t
+    first = tasks[0]
+    for t in tasks[1:]:
+        if t.num_channels != first.num_channels:
+            raise UserInputError(
+                f"{t.folder / 'dataset.json'} declares {t.num_channels} input channel(s) but {first.name} declares "
+                f"{first.num_channels}. One network serves the whole sequence, so every task needs the same "
+                f"channels in the same order.")
+        if t.file_ending != first.file_ending:
+            raise UserInputError(f"{t.folder / 'dataset.json'} uses file_ending '{t.file_ending}' but {first.name} "
+                                 f"uses '{first.file_ending}'. Convert the files so every task uses one format.")
+        if scenario == "domain" and t.labels != first.labels:
+            raise UserInputError(
+                f"{t.folder / 'dataset.json'} has labels {t.labels} but {first.name} has {first.labels}. In the "
+                f"domain-incremental scenario every task must have the same labels (names and values); fix the "
+                f"labels, or use scenario 'class' for tasks that bring new structures.")
+
+
+def make_test_split(task: Task, fraction: float, min_test: int, seed: int, min_train: int = 2) -> list[str]:
+    """A fixed, seeded held-out test split. Test cases are never used for training or nnU-Net's validation."""
+    ids = sorted(task.cases)
+    n_test = max(min_test, int(round(fraction * len(ids))))
+    if len(ids) - n_test < min_train:
+        raise UserInputError(
+            f"{task.folder} has {len(ids)} case(s): too few to hold out {n_test} for testing and keep {min_train} for "
+            f"training and validation. Add cases, or lower test_split.fraction / test_split.min_cases in the spec.")
+    rng = np.random.default_rng(seed + task.dataset_id)
+    return sorted(rng.choice(ids, size=n_test, replace=False).tolist())
+
+
+class LabelRegistry:
+    """Global label IDs and names, and the task that introduced each one.
+
+    A later task that annotates a known structure (same name) maps onto the existing global ID instead of adding a
+    duplicate. In the domain scenario every task maps onto the first task's labels unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {"background": 0}
+        self.introduced_by: dict[str, str] = {}
+
+    def add_task(self, task_name: str, labels: dict[str, int]) -> dict[int, int]:
+        """Register a task's labels; return its local value -> global ID mapping."""
+        mapping = {}
+        for name, local in sorted(labels.items(), key=lambda kv: kv[1]):
+            if name not in self.ids:
+                self.ids[name] = max(self.ids.values()) + 1
+                self.introduced_by[name] = task_name
+            mapping[local] = self.ids[name]
+        return mapping
+
+    @property
+    def foreground(self) -> dict[str, int]:
+        return {k: v for k, v in self.ids.items() if v != 0}
+
+    def to_dict(self) -> dict:
+        return {"ids": self.ids, "introduced_by": self.introduced_by}
