@@ -92,7 +92,7 @@ def experiment_from_dict(data: dict, where: str = "spec") -> Experiment:
         data = dict(data)
         params = dict(method)
         data["method"] = params.pop("name", None)
-        data["method_params"] = {**params, **data.get("method_params", {})}
+        data["method_params"] = {**params, **(data.get("method_params") or {})}
     exp = _build(Experiment, data, where)
     validate(exp, where)
     return exp
@@ -112,6 +112,7 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     if exp.raw_root and not Path(exp.raw_root).is_absolute():
         exp.raw_root = str((path.parent / exp.raw_root).resolve())
     exp.tasks = [str((path.parent / t).resolve()) if (path.parent / str(t)).is_dir() else str(t) for t in exp.tasks]
+    validate(exp, str(path))  # again: two spellings of one folder are duplicates only once resolved
     return exp
 
 
@@ -139,15 +140,23 @@ def validate(exp: Experiment, where: str = "spec") -> None:
             raise bad(f"training.{name} must be a positive integer (got {getattr(t, name)!r}).")
     if t.batch_size is not None and (not isinstance(t.batch_size, int) or t.batch_size < 1):
         raise bad(f"training.batch_size must be a positive integer or null (got {t.batch_size!r}).")
-    if not 0 < float(t.initial_lr) < 10:
-        raise bad(f"training.initial_lr must be positive (got {t.initial_lr!r}).")
-    if not 0 < exp.test_split.fraction < 1:
+    if not _is_number(t.initial_lr) or not 0 < t.initial_lr < 10:
+        raise bad(f"training.initial_lr must be a positive number (got {t.initial_lr!r}).")
+    if not _is_number(exp.test_split.fraction) or not 0 < exp.test_split.fraction < 1:
         raise bad(f"test_split.fraction must lie strictly between 0 and 1 (got {exp.test_split.fraction}).")
     if not isinstance(exp.test_split.min_cases, int) or exp.test_split.min_cases < 1:
         raise bad(f"test_split.min_cases must be an integer >= 1 (got {exp.test_split.min_cases!r}).")
-    if not 0 < exp.validation_fraction < 1:
+    if not _is_number(exp.validation_fraction) or not 0 < exp.validation_fraction < 1:
         raise bad(f"validation_fraction must lie strictly between 0 and 1 (got {exp.validation_fraction}).")
+    if not isinstance(exp.evaluation.mirroring, bool):
+        raise bad(f"evaluation.mirroring must be true or false (got {exp.evaluation.mirroring!r}).")
+    if not _is_number(exp.evaluation.tile_step_size) or not 0 < exp.evaluation.tile_step_size <= 1:
+        raise bad(f"evaluation.tile_step_size must lie in (0, 1] (got {exp.evaluation.tile_step_size!r}).")
     if not isinstance(exp.seed, int):
         raise bad(f"seed must be an integer (got {exp.seed!r}).")
     if not isinstance(exp.method_params, dict):
         raise bad("method_params must be a mapping of parameter names to values.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -10,7 +10,7 @@ import io
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,10 @@ class RunFolder:
     def summary(self) -> Path:
         return self.root / "summary.json"
 
+    @property
+    def schedule(self) -> Path:
+        return self.root / "schedule.json"
+
     def stage_dir(self, index: int) -> Path:
         return self.root / "stages" / f"stage_{index}"
 
@@ -71,6 +75,7 @@ def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], La
     run = RunFolder(Path(run_dir))
     raw_root = exp.raw_root or os.environ.get("nnUNet_raw")
     tasks = [load_task(resolve_task_folder(t, Path(raw_root) if raw_root else None)) for t in exp.tasks]
+    exp.tasks = [str(t.folder) for t in tasks]  # the identity of a run names folders, however they were typed
     check_sequence(tasks, exp.scenario)
     if exp.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("device 'cuda' was requested but no CUDA GPU is visible. Use device 'auto' or 'cpu'.")
@@ -117,6 +122,7 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = Fa
     log.path = run.log
     write_json(run.spec, exp.identity())
     write_json(run.splits, {t.name: t.test_cases for t in tasks})
+    write_json(run.schedule, [asdict(s) for s in stages])
     write_json(run.root / "labels.json", registry.to_dict())
     log(f"Run {run.root}: method '{method.name}', {len(tasks)} task(s), {len(stages)} stage(s), "
         f"configuration {exp.configuration}")
@@ -212,7 +218,10 @@ class StageContext:
             trainer.configure(sources=self.sources(stage), method=self.method, stage=stage, epochs=t.epochs,
                               iterations_per_epoch=t.iterations_per_epoch, val_iterations=t.val_iterations,
                               initial_lr=t.initial_lr, seed=exp.seed, batch_size=t.batch_size, on_epoch=on_epoch)
-            with self.workspace.env(results=stage_dir / "nnunet"), contextlib.redirect_stdout(io.StringIO()):
+            # augmentation in the main process: as fast as worker processes on 2 cores (measured), and seedable
+            da_workers = os.environ.get("nnUNet_n_proc_DA", "0")
+            with self.workspace.env(results=stage_dir / "nnunet", nnUNet_n_proc_DA=da_workers), \
+                    contextlib.redirect_stdout(io.StringIO()):
                 trainer.initialize()
                 trainer.network.load_state_dict(load_model(init_from)["network_weights"])
                 self.method.before_stage(trainer, stage)
@@ -265,6 +274,20 @@ class StageContext:
         mean = df[df.metric == "dice"].groupby("eval_task").value.mean()
         self.log(f"Stage {index} evaluated in {time.time() - started:.0f} s: "
                  + ", ".join(f"{self.by_name[k].short_name} Dice {v:.3f}" for k, v in mean.items()))
+
+
+def load_schedule(run_dir: Path) -> list[Stage]:
+    """The stage plan stored with the run, so reports and predict work without the method's code."""
+    path = RunFolder(Path(run_dir)).schedule
+    if not path.is_file():
+        raise UserInputError(f"{path} is missing: {run_dir} is not a lifelong-nnunet run folder. Give the folder "
+                             f"that 'lifelong-nnunet run -o' wrote.")
+    return [Stage(s["index"], tuple(s["train_tasks"]), s["init"]) for s in read_json(path)]
+
+
+def is_one_model_per_task(schedule: list[Stage]) -> bool:
+    """`separate`-like plans: every stage restarts from the untrained model on one task."""
+    return len(schedule) > 1 and all(s.init == "initial" and len(s.train_tasks) == 1 for s in schedule)
 
 
 def save_model(path: Path, weights: dict, method_state: dict, info: dict | None = None) -> None:

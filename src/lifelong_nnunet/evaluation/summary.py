@@ -11,7 +11,7 @@ import torch
 
 from ..errors import UserInputError
 from ..io_utils import read_json, write_json, write_text
-from ..methods import create_method
+from ..runner import is_one_model_per_task, load_schedule
 from .continual import continual_metrics, reference_gaps, result_matrix, stage_labels
 from .plots import plot_result_matrix, plot_task_curves
 from .report import render_markdown
@@ -34,7 +34,7 @@ def summarize(run_dir: Path, metric: str = "dice") -> dict:
     model for chained methods, each task's own specialist for `separate`."""
     exp, tasks, results = load_run(run_dir)
     R = result_matrix(results, tasks, metric)
-    schedule = create_method(exp["method"], exp["method_params"]).schedule(tasks)
+    schedule = load_schedule(run_dir)
     chained = all(len(s.train_tasks) == 1 for s in schedule) and all(s.init == "previous" for s in schedule[1:])
     arr = R.to_numpy(dtype=float)
     summary: dict = {"method": exp["method"], "scenario": exp["scenario"], "tasks": tasks, "metric": metric,
@@ -42,7 +42,7 @@ def summarize(run_dir: Path, metric: str = "dice") -> dict:
     if chained and arr.shape == (len(tasks) + 1, len(tasks)):
         summary.update(continual_metrics(arr))
     else:
-        if len(schedule) == len(tasks) and all(s.init == "initial" for s in schedule):  # one specialist per task
+        if is_one_model_per_task(schedule):
             final = [float(arr[i + 1, i]) for i in range(len(tasks))]
         else:
             final = [float(v) for v in arr[-1]]

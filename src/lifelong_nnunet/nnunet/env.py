@@ -20,7 +20,7 @@ DEFAULTS = {"nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "1", "nnUNet_compile":
 def nnunet_env(raw: Path | None = None, preprocessed: Path | None = None, results: Path | None = None,
                **extra: str) -> Iterator[None]:
     """Temporarily point nnU-Net at our folders (and set worker counts); restore the caller's environment after."""
-    wanted = dict(DEFAULTS)
+    wanted = {k: os.environ.get(k, v) for k, v in DEFAULTS.items()}  # the user's own settings win
     for name, value in (("nnUNet_raw", raw), ("nnUNet_preprocessed", preprocessed), ("nnUNet_results", results)):
         if value is not None:
             wanted[name] = str(value)

