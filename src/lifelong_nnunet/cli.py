@@ -157,8 +157,8 @@ def demo(
     output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="Folder for the three runs and the "
                                                                           "comparison report."),
     data_root: Path = typer.Option(Path("data/raw"), help="Where the demo datasets are built."),
-    epochs: int = typer.Option(8, help="Epochs per stage."),
-    iterations: int = typer.Option(20, help="Iterations per epoch."),
+    epochs: int = typer.Option(7, help="Epochs per stage (joint gets 3x: the whole sequence's budget)."),
+    iterations: int = typer.Option(50, help="Iterations per epoch."),
     seed: int = typer.Option(0),
 ) -> None:
     """Build the hippocampus-sites benchmark and compare sequential, joint and separate on it."""

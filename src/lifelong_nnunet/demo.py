@@ -14,6 +14,7 @@ from .io_utils import write_json, write_text
 from .runner import run_experiment
 
 DEMO_METHODS = ("sequential", "joint", "separate")
+DEMO_SPACING_MM = 2.0
 
 
 def run_demo(output: Path, data_root: Path, epochs: int, iterations: int, seed: int = 0) -> dict:
@@ -21,7 +22,8 @@ def run_demo(output: Path, data_root: Path, epochs: int, iterations: int, seed: 
     output = Path(output)
     started = time.time()
     console.print(f"Building the hippocampus-sites benchmark in {data_root} ...")
-    tasks = [str(p) for p in build("hippocampus-sites", Path(data_root), seed=seed)]
+    # 2 mm keeps a training iteration near 0.2 s on 2 CPU cores (1.5 mm: 0.6 s) while both structures stay learnable
+    tasks = [str(p) for p in build("hippocampus-sites", Path(data_root), seed=seed, spacing=DEMO_SPACING_MM)]
     summaries = {}
     for method in DEMO_METHODS:
         console.rule(f"[bold]{method}")

@@ -206,8 +206,9 @@ class StageContext:
             trainer = build_trainer(self.workspace.plans(first), exp.configuration, self.dataset_json, self.device,
                                     resume=True, results_dir=stage_dir / "nnunet")
         t = exp.training
+        epochs = max(1, round(t.epochs * stage.budget))
         with progress_bar(self.log.quiet) as bar:
-            job = bar.add_task(f"Stage {stage.index} [{stage.label}] epochs", total=t.epochs, info="")
+            job = bar.add_task(f"Stage {stage.index} [{stage.label}] epochs", total=epochs, info="")
 
             def on_epoch(epoch, total, stats):
                 bar.update(job, completed=epoch, info=f"loss {stats['train_loss']:.3f} "
@@ -215,7 +216,7 @@ class StageContext:
                 self.log.path and RunLog(self.log.path, quiet=True)(
                     f"stage {stage.index} epoch {epoch}/{total} " + " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
 
-            trainer.configure(sources=self.sources(stage), method=self.method, stage=stage, epochs=t.epochs,
+            trainer.configure(sources=self.sources(stage), method=self.method, stage=stage, epochs=epochs,
                               iterations_per_epoch=t.iterations_per_epoch, val_iterations=t.val_iterations,
                               initial_lr=t.initial_lr, seed=exp.seed, batch_size=t.batch_size, on_epoch=on_epoch)
             # augmentation in the main process: as fast as worker processes on 2 cores (measured), and seedable
@@ -235,7 +236,7 @@ class StageContext:
             self.method.after_stage(trainer, stage)
         save_model(run.model(stage.index), trainer.network.state_dict(), self.method.state_dict(),
                    {"stage": stage.index, "trained_on": list(stage.train_tasks),
-                    "train_seconds": time.time() - started, "epochs": t.epochs,
+                    "train_seconds": time.time() - started, "epochs": epochs,
                     "iterations_per_epoch": t.iterations_per_epoch})
         final = Path(trainer.output_folder) / "checkpoint_final.pth"
         final.unlink(missing_ok=True)  # model.pt holds the weights; the optimizer state is not needed any more
@@ -282,7 +283,7 @@ def load_schedule(run_dir: Path) -> list[Stage]:
     if not path.is_file():
         raise UserInputError(f"{path} is missing: {run_dir} is not a lifelong-nnunet run folder. Give the folder "
                              f"that 'lifelong-nnunet run -o' wrote.")
-    return [Stage(s["index"], tuple(s["train_tasks"]), s["init"]) for s in read_json(path)]
+    return [Stage(s["index"], tuple(s["train_tasks"]), s["init"], s.get("budget", 1.0)) for s in read_json(path)]
 
 
 def is_one_model_per_task(schedule: list[Stage]) -> bool:

@@ -22,10 +22,12 @@ class Stage:
     """One training stage of a run: which tasks' training data it sees and which weights it starts from.
 
     ``init`` is ``"previous"`` (the last stage's final weights) or ``"initial"`` (the untrained stage-0 weights).
+    ``budget`` multiplies the spec's epochs, so a stage that stands for several tasks (joint) gets their compute.
     """
     index: int  # 1-based; stage 0 is the untrained model
     train_tasks: tuple[str, ...]
     init: str = "previous"
+    budget: float = 1.0
 
     @property
     def label(self) -> str:

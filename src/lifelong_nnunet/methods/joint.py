@@ -1,4 +1,7 @@
-"""Joint training: one model on all tasks' training data at once. The upper bound no continual method should beat."""
+"""Joint training: one model on all tasks' training data at once. The upper bound no continual method should beat.
+
+It gets the compute of the whole sequence (T times a stage's epochs), so it is compared at an equal budget.
+"""
 from .base import Method, Stage
 
 
@@ -7,4 +10,4 @@ class Joint(Method):
     keeps_old_data = True
 
     def schedule(self, tasks: list[str]) -> list[Stage]:
-        return [Stage(1, tuple(tasks), "initial")]
+        return [Stage(1, tuple(tasks), "initial", budget=float(len(tasks)))]

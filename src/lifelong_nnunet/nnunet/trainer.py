@@ -60,8 +60,12 @@ class MultiSourceDataset(nnUNetBaseDataset):
         raise NotImplementedError
 
 
+def derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
 def seed_everything(*parts: int) -> None:
-    seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+    seed = derive_seed(*parts)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -97,6 +101,12 @@ class ContinualTrainer(nnUNetTrainer):
     # ---- the training step with the method's hooks ---------------------------------------------------------
     def on_epoch_start(self):
         seed_everything(self.seed, self.stage.index, self.current_epoch)
+        # nnU-Net's loaders draw cases from their own RandomState, seeded from OS entropy: reseed it too. With
+        # augmentation workers (nnUNet_n_proc_DA > 0) batches are prefetched and runs are not reproducible.
+        for i, loader in enumerate((self.dataloader_train, self.dataloader_val)):
+            inner = getattr(loader, "data_loader", None)
+            if inner is not None and hasattr(inner, "rs"):
+                inner.rs = np.random.RandomState(derive_seed(self.seed, self.stage.index, self.current_epoch, i))
         super().on_epoch_start()
 
     def train_step(self, batch: dict) -> dict:
@@ -129,7 +139,12 @@ class ContinualTrainer(nnUNetTrainer):
 
     def on_epoch_end(self):
         epoch = self.current_epoch
-        super().on_epoch_end()
+        if epoch + 1 < self.num_epochs:  # nnU-Net redraws progress.png every epoch; once per stage is enough
+            self.logger.plot_progress_png = lambda *args, **kw: None
+        try:
+            super().on_epoch_end()
+        finally:
+            self.logger.__dict__.pop("plot_progress_png", None)
         if self.on_epoch is not None:
             log = self.logger.local_logger.my_fantastic_logging
             self.on_epoch(epoch + 1, self.num_epochs, {"train_loss": float(log["train_losses"][-1]),
