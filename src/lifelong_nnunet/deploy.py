@@ -44,13 +44,27 @@ def select_model(run_dir: Path, task: str | None = None) -> Path:
     return models[index]
 
 
-def load_network(run_dir: Path, model_path: Path):
+def load_network(run_dir: Path, model_path: Path, task: str | None = None):
+    """Rebuild the run's network (through its method, for multi-head and other architectures) with its weights,
+    and return the module that segments ``task`` (``None``: the method's own choice)."""
+    from .methods import Method, create_method
     from .nnunet.trainer import build_network
     exp = read_json(run_dir / "experiment.json")
     plans, djson = read_json(run_dir / "plans.json"), read_json(run_dir / "dataset.json")
-    net = build_network(plans, exp["configuration"], djson, deep_supervision=False)
-    net.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True)["network_weights"])
-    return net, plans, djson, exp
+    payload = torch.load(model_path, map_location="cpu", weights_only=True)
+    try:
+        method = create_method(exp["method"], exp["method_params"])
+    except UserInputError:
+        method = Method()  # not installed here: fine as long as the weights fit a plain nnU-Net network
+    seen = payload["info"].get("tasks_seen", [])
+    net = method.adapt_network(build_network(plans, exp["configuration"], djson, deep_supervision=False), seen)
+    try:
+        net.load_state_dict(payload["network_weights"])
+    except RuntimeError:
+        raise UserInputError(f"The weights in {model_path} do not fit the network of method '{exp['method']}'. "
+                             f"Install the version of lifelong-nnunet that made this run.") from None
+    full_name = next((t for t in seen if task in (t, t.split("_", 1)[-1])), task)
+    return method.network_for_task(net, full_name), plans, djson, exp
 
 
 def find_inputs(folder: Path, n_channels: int, file_ending: str) -> dict[str, list[Path]]:
@@ -88,7 +102,7 @@ def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None =
     import numpy as np
     run_dir = Path(run_dir)
     model = select_model(run_dir, task)
-    net, plans, djson, exp = load_network(run_dir, model)
+    net, plans, djson, exp = load_network(run_dir, model, task)
     cases = find_inputs(input_dir, len(djson["channel_names"]), djson["file_ending"])
     seg = Segmenter(net, plans, exp["configuration"], djson, resolve_device(device), mirroring)
     output_dir = Path(output_dir)
@@ -119,7 +133,7 @@ def export_model_folder(run_dir: Path, output: Path, task: str | None = None) ->
     plans, djson = read_json(run_dir / "plans.json"), read_json(run_dir / "dataset.json")
     if output.exists() and any(output.iterdir()):
         raise UserInputError(f"{output} exists and is not empty. Export into a new folder.")
-    weights = torch.load(model, map_location="cpu", weights_only=True)["network_weights"]
+    weights = load_network(run_dir, model, task)[0].state_dict()
     patch = plans["configurations"][exp["configuration"]]["patch_size"]
     checkpoint = {
         "network_weights": weights,

@@ -179,19 +179,53 @@ class StageContext:
         self.method.load_state_dict(load_model(self.run.model(index))["method_state"])
 
     # ---- training ------------------------------------------------------------------------------------------
+    def split_train_val(self, task: Task) -> tuple[list[str], list[str]]:
+        """nnU-Net's per-epoch validation cases: a seeded part of the task's training cases (never test cases)."""
+        keys = task.train_cases
+        n_val = max(1, int(round(self.exp.validation_fraction * len(keys))))
+        order = np.random.default_rng(self.exp.seed + task.dataset_id + 7).permutation(keys).tolist()
+        return sorted(order[n_val:]), sorted(order[:n_val])
+
+    def tasks_before(self, stage: Stage) -> list[str]:
+        """Tasks trained into the weights this stage starts from."""
+        if stage.init != "previous":
+            return []
+        done = [s for s in load_schedule(self.run.root) if s.index < stage.index]
+        return list(dict.fromkeys(t for s in done for t in s.train_tasks))
+
+    def tasks_trained_by(self, index: int) -> list[str]:
+        """Tasks whose training went into the model of stage ``index`` (none for stage 0)."""
+        if index == 0:
+            return []
+        stage = next(s for s in load_schedule(self.run.root) if s.index == index)
+        return list(dict.fromkeys([*self.tasks_before(stage), *stage.train_tasks]))
+
     def sources(self, stage: Stage):
+        """The stage's own tasks, plus the method's replay buffer drawn with its share of every batch."""
         from .nnunet.trainer import DataSource
-        names = list(dict.fromkeys([*self.method.extra_training_sources(stage), *stage.train_tasks]))
-        out = []
-        for name in names:
+        current = []
+        for name in stage.train_tasks:
             t = self.by_name[name]
-            keys = t.train_cases
-            n_val = max(1, int(round(self.exp.validation_fraction * len(keys))))
-            rng = np.random.default_rng(self.exp.seed + t.dataset_id + 7)
-            order = rng.permutation(keys).tolist()
-            val, train = sorted(order[:n_val]), sorted(order[n_val:])
-            out.append(DataSource(name, self.workspace.preprocessed_folder(t), train, val))
-        return out
+            train, val = self.split_train_val(t)
+            current.append(DataSource(name, self.workspace.preprocessed_folder(t), train, val))
+        earlier = {name: self.split_train_val(self.by_name[name])[0] for name in self.tasks_before(stage)
+                   if name not in stage.train_tasks}
+        buffer = self.method.replay_buffer(stage, earlier) if earlier else {}
+        if buffer and not self.method.keeps_old_data:
+            raise RuntimeError(f"method '{self.method.name}' replays old data but does not declare keeps_old_data")
+        for name, cases in buffer.items():
+            unknown = sorted(set(cases) - set(earlier.get(name, [])))
+            if unknown:
+                raise RuntimeError(f"replay buffer of '{self.method.name}' names cases outside {name}'s training "
+                                   f"cases: {unknown[:3]}")
+        share = self.method.replay_share(stage) if buffer else 0.0
+        replay = [DataSource(name, self.workspace.preprocessed_folder(self.by_name[name]), sorted(cases), [])
+                  for name, cases in buffer.items() if cases]
+        for group, total in ((current, 1.0 - share), (replay, share)):
+            n = sum(len(s.train_keys) for s in group)
+            for s in group:
+                s.weight = total * len(s.train_keys) / n
+        return current + replay
 
     def train(self, stage: Stage) -> None:
         from .nnunet.trainer import build_trainer
@@ -224,18 +258,22 @@ class StageContext:
             with self.workspace.env(results=stage_dir / "nnunet", nnUNet_n_proc_DA=da_workers), \
                     contextlib.redirect_stdout(io.StringIO()):
                 trainer.initialize()
+                before = self.tasks_before(stage)
+                trainer.set_network(self.method.adapt_network(trainer.network, before))
                 trainer.network.load_state_dict(load_model(init_from)["network_weights"])
+                trainer.set_network(self.method.adapt_network(trainer.network, [*before, *stage.train_tasks]))
                 self.method.before_stage(trainer, stage)
-                latest = trainer.latest_checkpoint()
-                if latest.is_file():
-                    trainer.load_checkpoint(str(latest))
+                resume_from = trainer.resume_checkpoint()
+                if resume_from is not None:
+                    trainer.load_checkpoint(str(resume_from))
                     bar.update(job, completed=trainer.current_epoch)
                     self.log(f"Stage {stage.index}: resuming from epoch {trainer.current_epoch}")
                 started = time.time()
                 trainer.run_training()
-            self.method.after_stage(trainer, stage)
+                self.method.after_stage(trainer, stage)
         save_model(run.model(stage.index), trainer.network.state_dict(), self.method.state_dict(),
                    {"stage": stage.index, "trained_on": list(stage.train_tasks),
+                    "tasks_seen": self.tasks_trained_by(stage.index),
                     "train_seconds": time.time() - started, "epochs": epochs,
                     "iterations_per_epoch": t.iterations_per_epoch})
         final = Path(trainer.output_folder) / "checkpoint_final.pth"
@@ -252,6 +290,7 @@ class StageContext:
         if out.is_file():
             return
         net = build_network(self.plans, self.exp.configuration, self.dataset_json, deep_supervision=False)
+        net = self.method.adapt_network(net, self.tasks_trained_by(index))
         net.load_state_dict(load_model(self.run.model(index))["network_weights"])
         rows = []
         n_cases = sum(len(t.test_cases) for t in self.tasks)
@@ -259,7 +298,8 @@ class StageContext:
         with progress_bar(self.log.quiet) as bar:
             job = bar.add_task(f"Evaluating stage {index}", total=n_cases, info="")
             for t in self.tasks:
-                seg = Segmenter(net, self.workspace.plans(t), self.exp.configuration, self.dataset_json,
+                seg = Segmenter(self.method.network_for_task(net, t.name), self.workspace.plans(t),
+                                self.exp.configuration, self.dataset_json,
                                 self.device, self.exp.evaluation.mirroring, self.exp.evaluation.tile_step_size)
                 for cid in t.test_cases:
                     case = t.cases[cid]

@@ -5,12 +5,14 @@ needed) and written atomically so a report never links a half-written image.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import numpy as np
 import pandas as pd
 import matplotlib
+import matplotlib.style
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
@@ -18,6 +20,16 @@ from matplotlib.figure import Figure
 from lifelong_nnunet.io_utils import atomic_write
 
 
+def _default_style(plot):
+    """Draw with matplotlib's defaults: nnU-Net's progress plots change global style (seaborn font_scale 2.5)."""
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with matplotlib.style.context("default"):
+            return plot(*args, **kwargs)
+    return wrapper
+
+
+@_default_style
 def plot_result_matrix(
     R: pd.DataFrame, path: str | os.PathLike, title: str, row_labels: list[str] | None = None
 ) -> None:
@@ -43,6 +55,7 @@ def plot_result_matrix(
     _save(fig, path)
 
 
+@_default_style
 def plot_task_curves(
     R: pd.DataFrame,
     path: str | os.PathLike,
@@ -69,6 +82,7 @@ def plot_task_curves(
     _save(fig, path)
 
 
+@_default_style
 def plot_method_comparison(summaries: dict[str, dict], path: str | os.PathLike) -> None:
     """Grouped bars per method: final average, BWT and each task's final Dice.
 

@@ -75,9 +75,25 @@ class Method:
     def after_stage(self, trainer: "ContinualTrainer", stage: Stage) -> None:
         """After the last epoch of a stage (importances, teacher snapshots for the next stage, ...)."""
 
-    def extra_training_sources(self, stage: Stage) -> list[str]:
-        """Names of earlier tasks whose preprocessed training cases are mixed into this stage (rehearsal)."""
-        return []
+    def replay_buffer(self, stage: Stage, earlier: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Earlier tasks' training cases (task -> case IDs) to mix into this stage; ``earlier`` lists all of them.
+
+        Only methods with ``keeps_old_data = True`` may return anything (the runner enforces it)."""
+        return {}
+
+    def replay_share(self, stage: Stage) -> float:
+        """Fraction of each training batch drawn from the replay buffer (when there is one)."""
+        return 0.0
+
+    # ---- architecture (multi-head, frozen parts) ------------------------------------------------------------
+    def adapt_network(self, network: torch.nn.Module, tasks_so_far: list[str]) -> torch.nn.Module:
+        """Extend or wrap nnU-Net's network (extra heads, frozen parts). Must be deterministic in its arguments:
+        it rebuilds the same architecture for evaluation and ``predict`` from the stored weights."""
+        return network
+
+    def network_for_task(self, network: torch.nn.Module, task: str | None) -> torch.nn.Module:
+        """The module that segments ``task`` (e.g. with that task's head). ``None``: the method chooses."""
+        return network
 
     # ---- resume --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

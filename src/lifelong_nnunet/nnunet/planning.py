@@ -13,6 +13,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from ..io_utils import write_json
@@ -67,8 +69,19 @@ class Workspace:
         if tmp.exists():
             shutil.rmtree(tmp)
         self._link_training_cases(tmp / "nnUNet_raw")
-        with nnunet_env(tmp / "nnUNet_raw", tmp / "nnUNet_preprocessed"):
-            _plan_and_preprocess(self.tasks, self.configuration, log)
+        # In a child process: nnU-Net's planning starts worker processes (which need a __main__ guard in the
+        # caller's script) and leaves process state behind that changed the float bits of the next training.
+        args = json.dumps({"root": str(tmp), "configuration": self.configuration,
+                           "tasks": [[t.name, t.dataset_id] for t in self.tasks]})
+        child = subprocess.Popen([sys.executable, "-m", __name__, args], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        output = []
+        for line in child.stdout:
+            output.append(line)
+            if line.startswith(PROGRESS_PREFIX):
+                log(line[len(PROGRESS_PREFIX):].rstrip())
+        if child.wait() != 0:
+            raise RuntimeError("nnU-Net planning/preprocessing failed:\n" + "".join(output[-40:]))
         os.replace(tmp, self.root)
         write_json(self.done_marker, {"tasks": [t.name for t in self.tasks], "configuration": self.configuration})
 
@@ -86,27 +99,30 @@ class Workspace:
             (dst / "dataset.json").write_text(json.dumps(djson, indent=2))
 
 
-def _plan_and_preprocess(tasks: list[Task], configuration: str, log) -> None:
+PROGRESS_PREFIX = "@progress "
+
+
+def _plan_and_preprocess(tasks: list[tuple[str, int]], configuration: str, log) -> None:
     # imported here: nnunetv2 reads its folder variables at import time in places, so import inside the env
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                       plan_experiment_dataset, preprocess_dataset)
     from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import \
         move_plans_between_datasets
 
-    first = tasks[0]
-    for i, t in enumerate(tasks):
-        log(f"Planning [{i + 1}/{len(tasks)}] {t.name}: fingerprint")
+    first_name, first_id = tasks[0]
+    for i, (name, dataset_id) in enumerate(tasks):
+        log(f"Planning [{i + 1}/{len(tasks)}] {name}: fingerprint")
         with _quiet():
-            extract_fingerprint_dataset(t.dataset_id, num_processes=2, verbose=False, show_progress_bar=False)
-            plan_experiment_dataset(t.dataset_id)  # also places dataset.json where preprocessing needs it
-            if t is not first:
-                move_plans_between_datasets(first.dataset_id, t.dataset_id, PLANS_NAME, PLANS_NAME)
-        log(f"Preprocessing [{i + 1}/{len(tasks)}] {t.name} with the plans of {first.name}")
+            extract_fingerprint_dataset(dataset_id, num_processes=2, verbose=False, show_progress_bar=False)
+            plan_experiment_dataset(dataset_id)  # also places dataset.json where preprocessing needs it
+            if dataset_id != first_id:
+                move_plans_between_datasets(first_id, dataset_id, PLANS_NAME, PLANS_NAME)
+        log(f"Preprocessing [{i + 1}/{len(tasks)}] {name} with the plans of {first_name}")
         with _quiet():
-            preprocess_dataset(t.dataset_id, PLANS_NAME, (configuration,), (2,), verbose=False,
+            preprocess_dataset(dataset_id, PLANS_NAME, (configuration,), (2,), verbose=False,
                                show_progress_bar=False)
         # nnU-Net copies the label maps here for its own validation; we evaluate from the raw test files instead
-        shutil.rmtree(Path(os.environ["nnUNet_preprocessed"]) / t.name / "gt_segmentations", ignore_errors=True)
+        shutil.rmtree(Path(os.environ["nnUNet_preprocessed"]) / name / "gt_segmentations", ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -114,3 +130,15 @@ def _quiet():
     """nnU-Net prints a lot while planning; keep the console for our progress lines."""
     with contextlib.redirect_stdout(io.StringIO()):
         yield
+
+
+def _child_main(argv: list[str]) -> None:
+    spec = json.loads(argv[0])
+    root = Path(spec["root"])
+    with nnunet_env(root / "nnUNet_raw", root / "nnUNet_preprocessed"):
+        _plan_and_preprocess([tuple(t) for t in spec["tasks"]], spec["configuration"],
+                             lambda msg: print(PROGRESS_PREFIX + msg, flush=True))
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])

@@ -37,14 +37,26 @@ class DataSource:
     folder: Path
     train_keys: list[str]
     val_keys: list[str]
+    weight: float = 1.0  # share of training batches drawn from this source
 
 
 class MultiSourceDataset(nnUNetBaseDataset):
-    """Several preprocessed folders seen as one nnU-Net dataset; identifiers are ``task/case``."""
+    """Several preprocessed folders seen as one nnU-Net dataset; identifiers are ``task/case``.
 
-    def __init__(self, parts: dict[str, tuple[type, Path, list[str]]]) -> None:
-        self._parts = {task: cls(str(folder), list(keys)) for task, (cls, folder, keys) in parts.items()}
-        identifiers = [f"{task}/{k}" for task, ds in self._parts.items() for k in ds.identifiers]
+    nnU-Net's loader draws identifiers uniformly with replacement, so a source's share of the batches is set by
+    repeating its identifiers (resolution 1/``REPEAT_RESOLUTION``). This works with augmentation workers too.
+    """
+    REPEAT_RESOLUTION = 1000
+
+    def __init__(self, parts: dict[str, tuple[type, Path, list[str]]], weights: dict[str, float] | None = None):
+        self._parts = {task: cls(str(folder), list(keys)) for task, (cls, folder, keys) in parts.items() if keys}
+        identifiers = []
+        for task, ds in self._parts.items():
+            repeat = 1
+            if weights:
+                per_case = weights[task] / sum(weights[t] for t in self._parts) / len(ds.identifiers)
+                repeat = max(1, round(per_case * self.REPEAT_RESOLUTION))
+            identifiers += [f"{task}/{k}" for k in ds.identifiers for _ in range(repeat)]
         super().__init__(folder="", identifiers=identifiers)
 
     def load_case(self, identifier: str):
@@ -60,12 +72,8 @@ class MultiSourceDataset(nnUNetBaseDataset):
         raise NotImplementedError
 
 
-def derive_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
 def seed_everything(*parts: int) -> None:
-    seed = derive_seed(*parts)
+    seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -94,20 +102,38 @@ class ContinualTrainer(nnUNetTrainer):
     # ---- data ----------------------------------------------------------------------------------------------
     def get_tr_and_val_datasets(self):
         cls = infer_dataset_class(str(self.sources[0].folder))
-        train = MultiSourceDataset({s.task: (cls, s.folder, s.train_keys) for s in self.sources})
-        val = MultiSourceDataset({s.task: (cls, s.folder, s.val_keys) for s in self.sources if s.val_keys})
+        train = MultiSourceDataset({s.task: (cls, s.folder, s.train_keys) for s in self.sources},
+                                   {s.task: s.weight for s in self.sources})
+        val = MultiSourceDataset({s.task: (cls, s.folder, s.val_keys) for s in self.sources})
         return train, val
 
     # ---- the training step with the method's hooks ---------------------------------------------------------
     def on_epoch_start(self):
+        # nnU-Net's case sampling and augmentation draw from the global numpy/torch generators. Augmentation
+        # workers (nnUNet_n_proc_DA > 0) prefetch with their own state, so only 0 workers is reproducible.
         seed_everything(self.seed, self.stage.index, self.current_epoch)
-        # nnU-Net's loaders draw cases from their own RandomState, seeded from OS entropy: reseed it too. With
-        # augmentation workers (nnUNet_n_proc_DA > 0) batches are prefetched and runs are not reproducible.
-        for i, loader in enumerate((self.dataloader_train, self.dataloader_val)):
-            inner = getattr(loader, "data_loader", None)
-            if inner is not None and hasattr(inner, "rs"):
-                inner.rs = np.random.RandomState(derive_seed(self.seed, self.stage.index, self.current_epoch, i))
         super().on_epoch_start()
+
+    # ---- network changes by the method (extra heads, frozen parts) -----------------------------------------
+    def set_network(self, network: torch.nn.Module) -> None:
+        """Swap in the method's network and rebuild nnU-Net's optimizer and LR schedule for it. Frozen parameters
+        (requires_grad False) never get a gradient, so SGD leaves them bitwise unchanged."""
+        if network is self.network:
+            return
+        self.network = network.to(self.device)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        for module in self.network.modules():  # also reaches decoders inside multi-head wrappers
+            if hasattr(module, "deep_supervision"):
+                module.deep_supervision = enabled
+
+    def training_batches(self, n: int):
+        """``n`` augmented training batches of this stage's sources (for importance estimates after training)."""
+        if self.dataloader_train is None or not hasattr(self.dataloader_train, "data_loader"):
+            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        for _ in range(n):
+            yield next(self.dataloader_train)
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -184,8 +210,13 @@ class ContinualTrainer(nnUNetTrainer):
         self._best_ema = ckpt["_best_ema"]
         self.method.load_state_dict(ckpt["method_state"])
 
-    def latest_checkpoint(self) -> Path:
-        return Path(self.output_folder) / LATEST
+    def resume_checkpoint(self) -> Path | None:
+        """The newest checkpoint of an interrupted stage: the latest epoch, or the final one when only
+        after-stage work (importances, ...) was cut off."""
+        for name in (LATEST, "checkpoint_final.pth"):
+            if (Path(self.output_folder) / name).is_file():
+                return Path(self.output_folder) / name
+        return None
 
     # ---- quiet ---------------------------------------------------------------------------------------------
     def print_to_log_file(self, *args, also_print_to_console=True, add_timestamp=True):
