@@ -1,11 +1,13 @@
 """Atomic writes: a results file is either the old version or the complete new one, never half-written."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None], suffix: str = ".tmp") -> Path:
@@ -51,3 +53,20 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+@contextlib.contextmanager
+def atomic_directory(folder: str | os.PathLike) -> Iterator[Path]:
+    """Fill a hidden temporary sibling of ``folder``; on success it replaces ``folder`` in one rename, on any
+    error it is removed, so a reader never sees a half-written folder."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -227,19 +226,38 @@ class StageContext:
                 s.weight = total * len(s.train_keys) / n
         return current + replay
 
-    def train(self, stage: Stage) -> None:
+    def stage_env(self, stage: Stage):
+        """nnU-Net's folders for this stage; augmentation in the main process unless the user set workers
+        (as fast as worker processes on 2 cores, measured, and seedable)."""
+        return self.workspace.env(results=self.run.stage_dir(stage.index) / "nnunet",
+                                  nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0"))
+
+    def build_stage_trainer(self, stage: Stage, epochs: int, on_epoch=None):
+        """A trainer ready for the stage's first epoch: the method's network with the starting weights loaded
+        and ``before_stage`` called. Call inside ``stage_env(stage)``."""
         from .nnunet.trainer import build_trainer
-        run, exp = self.run, self.exp
+        exp, t = self.exp, self.exp.training
+        first = self.by_name[stage.train_tasks[0]]
+        init_from = self.run.model(stage.index - 1 if stage.init == "previous" else 0)
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer = build_trainer(self.workspace.plans(first), exp.configuration, self.dataset_json, self.device,
+                                    resume=True, results_dir=self.run.stage_dir(stage.index) / "nnunet")
+            trainer.configure(sources=self.sources(stage), method=self.method, stage=stage, epochs=epochs,
+                              iterations_per_epoch=t.iterations_per_epoch, val_iterations=t.val_iterations,
+                              initial_lr=t.initial_lr, seed=exp.seed, batch_size=t.batch_size, on_epoch=on_epoch)
+            trainer.initialize()
+            before = self.tasks_before(stage)
+            trainer.set_network(self.method.adapt_network(trainer.network, before))
+            trainer.network.load_state_dict(load_model(init_from)["network_weights"])
+            trainer.set_network(self.method.adapt_network(trainer.network, [*before, *stage.train_tasks]))
+            self.method.before_stage(trainer, stage)
+        return trainer
+
+    def train(self, stage: Stage) -> None:
+        run, t = self.run, self.exp.training
         if run.model(stage.index).is_file():
             self.load_method_state(stage.index)
             return
-        first = self.by_name[stage.train_tasks[0]]
-        stage_dir = run.stage_dir(stage.index)
-        init_from = run.model(stage.index - 1 if stage.init == "previous" else 0)
-        with self.workspace.env(results=stage_dir / "nnunet"), contextlib.redirect_stdout(io.StringIO()):
-            trainer = build_trainer(self.workspace.plans(first), exp.configuration, self.dataset_json, self.device,
-                                    resume=True, results_dir=stage_dir / "nnunet")
-        t = exp.training
         epochs = max(1, round(t.epochs * stage.budget))
         with progress_bar(self.log.quiet) as bar:
             job = bar.add_task(f"Stage {stage.index} [{stage.label}] epochs", total=epochs, info="")
@@ -250,32 +268,22 @@ class StageContext:
                 self.log.path and RunLog(self.log.path, quiet=True)(
                     f"stage {stage.index} epoch {epoch}/{total} " + " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
 
-            trainer.configure(sources=self.sources(stage), method=self.method, stage=stage, epochs=epochs,
-                              iterations_per_epoch=t.iterations_per_epoch, val_iterations=t.val_iterations,
-                              initial_lr=t.initial_lr, seed=exp.seed, batch_size=t.batch_size, on_epoch=on_epoch)
-            # augmentation in the main process: as fast as worker processes on 2 cores (measured), and seedable
-            da_workers = os.environ.get("nnUNet_n_proc_DA", "0")
-            with self.workspace.env(results=stage_dir / "nnunet", nnUNet_n_proc_DA=da_workers), \
-                    contextlib.redirect_stdout(io.StringIO()):
-                trainer.initialize()
-                before = self.tasks_before(stage)
-                trainer.set_network(self.method.adapt_network(trainer.network, before))
-                trainer.network.load_state_dict(load_model(init_from)["network_weights"])
-                trainer.set_network(self.method.adapt_network(trainer.network, [*before, *stage.train_tasks]))
-                self.method.before_stage(trainer, stage)
+            with self.stage_env(stage):
+                trainer = self.build_stage_trainer(stage, epochs, on_epoch)
                 resume_from = trainer.resume_checkpoint()
                 if resume_from is not None:
                     trainer.load_checkpoint(str(resume_from))
                     bar.update(job, completed=trainer.current_epoch)
                     self.log(f"Stage {stage.index}: resuming from epoch {trainer.current_epoch}")
                 started = time.time()
-                trainer.run_training()
-                self.method.after_stage(trainer, stage)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    trainer.run_training()
+                    self.method.after_stage(trainer, stage)
         save_model(run.model(stage.index), trainer.network.state_dict(), self.method.state_dict(),
                    {"stage": stage.index, "trained_on": list(stage.train_tasks),
                     "tasks_seen": self.tasks_trained_by(stage.index),
                     "train_seconds": time.time() - started, "epochs": epochs,
-                    "iterations_per_epoch": t.iterations_per_epoch})
+                    "iterations_per_epoch": t.iterations_per_epoch, **peak_memory_mb(self.device)})
         final = Path(trainer.output_folder) / "checkpoint_final.pth"
         final.unlink(missing_ok=True)  # model.pt holds the weights; the optimizer state is not needed any more
         self.log(f"Stage {stage.index} [{stage.label}] trained in {time.time() - started:.0f} s")
@@ -315,6 +323,15 @@ class StageContext:
         mean = df[df.metric == "dice"].groupby("eval_task").value.mean()
         self.log(f"Stage {index} evaluated in {time.time() - started:.0f} s: "
                  + ", ".join(f"{self.by_name[k].short_name} Dice {v:.3f}" for k, v in mean.items()))
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process (and peak GPU memory on CUDA) so far, in MiB."""
+    import resource
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
 
 
 def load_schedule(run_dir: Path) -> list[Stage]:

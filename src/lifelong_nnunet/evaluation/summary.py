@@ -49,12 +49,12 @@ def summarize(run_dir: Path, metric: str = "dice") -> dict:
         summary.update({"n_tasks": len(tasks), "final_per_task": final,
                         "final_average": float(sum(final) / len(final)), "plasticity": None, "bwt": None,
                         "fwt": None, "forgetting": None, "mean_forgetting": None})
-    seconds = 0.0
-    for s in schedule:
-        model = run_dir / "stages" / f"stage_{s.index}" / "model.pt"
-        if model.is_file():
-            seconds += torch.load(model, map_location="cpu", weights_only=True)["info"].get("train_seconds", 0.0)
-    summary["train_seconds"] = seconds
+    infos = [torch.load(p, map_location="cpu", weights_only=True)["info"]
+             for p in (run_dir / "stages" / f"stage_{s.index}" / "model.pt" for s in schedule) if p.is_file()]
+    summary["train_seconds"] = sum(i.get("train_seconds", 0.0) for i in infos)
+    for key in ("peak_rss_mb", "peak_gpu_mb"):
+        values = [i[key] for i in infos if key in i]
+        summary[key] = max(values) if values else None
     return summary
 
 

@@ -11,7 +11,6 @@ What it changes and why:
 """
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path

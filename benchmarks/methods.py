@@ -1,0 +1,73 @@
+"""Every method on the demo benchmark with one budget and seed, in one table.
+
+    .venv/bin/python benchmarks/methods.py [--out runs/demo] [--epochs 7] [--iterations 50] [--methods ...]
+
+Each method is an ordinary run folder `OUT/<method>` (resumable; a finished run is not recomputed, so the demo's
+sequential/joint/separate runs are reused when the budget matches). Writes benchmarks/results/methods.{md,json}
+with final average Dice, BWT, FWT, mean forgetting, the gap to `joint`, the forgetting cut relative to
+`sequential`, training time relative to `sequential` and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from lifelong_nnunet.datasets import build
+from lifelong_nnunet.demo import DEMO_SPACING_MM
+from lifelong_nnunet.io_utils import read_json, write_json, write_text
+from lifelong_nnunet.methods import available_methods
+
+
+def fmt(v, spec=".3f"):
+    return "—" if v is None else format(v, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--data-root", type=Path, default=Path("data/raw"))
+    parser.add_argument("--epochs", type=int, default=7)
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    methods = args.methods or [m for m in available_methods() if not m.startswith("test-")]
+    methods = ["sequential", "joint"] + [m for m in methods if m not in ("sequential", "joint")]
+    tasks = [str(p) for p in build("hippocampus-sites", args.data_root, seed=args.seed, spacing=DEMO_SPACING_MM)]
+    for m in methods:
+        print(f"== {m}", flush=True)
+        cmd = [sys.executable, "-m", "lifelong_nnunet.cli", "run", "--tasks", *tasks, "--method", m,
+               "--epochs", str(args.epochs), "--iterations", str(args.iterations), "--seed", str(args.seed),
+               "-o", str(args.out / m), "-q"]
+        subprocess.run(cmd, check=True)
+    summaries = {m: read_json(args.out / m / "summary.json") for m in methods}
+    seq, joint = summaries["sequential"], summaries["joint"]
+    rows = []
+    for m, s in summaries.items():
+        cut = None
+        if s.get("mean_forgetting") is not None and seq.get("mean_forgetting"):
+            cut = 1 - s["mean_forgetting"] / seq["mean_forgetting"]
+        rows.append({"method": m, "final_average": s["final_average"], "bwt": s.get("bwt"), "fwt": s.get("fwt"),
+                     "mean_forgetting": s.get("mean_forgetting"), "forgetting_cut_vs_sequential": cut,
+                     "gap_to_joint": s["final_average"] - joint["final_average"],
+                     "train_time_vs_sequential": s["train_seconds"] / seq["train_seconds"],
+                     "peak_rss_mb": s.get("peak_rss_mb")})
+    lines = ["| method | final avg Dice | BWT | FWT | mean forgetting | forgetting cut vs sequential | gap to joint "
+             "| train time vs sequential | peak memory (MiB) |", "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['method']} | {fmt(r['final_average'])} | {fmt(r['bwt'])} | {fmt(r['fwt'])} | "
+                     f"{fmt(r['mean_forgetting'])} | {fmt(r['forgetting_cut_vs_sequential'], '.0%')} | "
+                     f"{fmt(r['gap_to_joint'], '+.3f')} | {fmt(r['train_time_vs_sequential'], '.2f')}x | "
+                     f"{fmt(r['peak_rss_mb'], '.0f')} |")
+    text = "\n".join(lines) + (f"\n\nhippocampus-sites (3 sites), {args.epochs} epochs x {args.iterations} iterations "
+                               f"per stage (joint: the whole sequence's budget), seed {args.seed}, CPU.\n")
+    write_text(args.results / "methods.md", text)
+    write_json(args.results / "methods.json", rows)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

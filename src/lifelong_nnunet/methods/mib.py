@@ -1,0 +1,85 @@
+"""MiB, Modeling the Background (Cermelli et al., CVPR 2020), for nnU-Net: unbiased CE and unbiased KD.
+
+Class sets are lists of the student's output channels (background = channel 0). ``old_classes`` are the
+teacher's classes, in the teacher's channel order (all of its output channels); ``new_classes`` are the classes
+annotated in the current task's data. See docs/methods/mib.md for the formulas and what `loss_terms` adds.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .distillation import DistillationMethod, as_list, weighted_over_outputs
+
+
+def _merge_background(log_probs: torch.Tensor, merged: Sequence[int], background: int) -> torch.Tensor:
+    """log p with channel ``background`` replaced by log(sum of p over ``background`` and ``merged``)."""
+    idx = [background, *[c for c in merged if c != background]]
+    if len(idx) == 1:
+        return log_probs
+    bg = torch.logsumexp(log_probs[:, idx], dim=1, keepdim=True)
+    return torch.cat([log_probs[:, :background], bg, log_probs[:, background + 1:]], dim=1)
+
+
+def unbiased_cross_entropy(logits: torch.Tensor, target: torch.Tensor, old_classes: Sequence[int],
+                           new_classes: Sequence[int], background: int = 0,
+                           ignore_index: int | None = None) -> torch.Tensor:
+    """MiB's unbiased cross-entropy, mean over (non-ignored) voxels.
+
+    For every voxel the probability of ``background`` becomes p(background) + sum_{c in U} p(c), with
+    U = old_classes \\ new_classes \\ {background} (old classes not annotated in the current task, which the
+    current labels call background). Labels of other classes use their own probability. With U empty (domain
+    scenario) this is exactly the cross-entropy. ``target``: class indices, [B, ...] or [B, 1, ...].
+    """
+    unannotated = [c for c in old_classes if c not in set(new_classes) and c != background]
+    log_p = _merge_background(F.log_softmax(logits.float(), dim=1), unannotated, background)
+    target = target.long()
+    if target.ndim == logits.ndim:
+        target = target[:, 0]
+    return F.nll_loss(log_p, target, ignore_index=-100 if ignore_index is None else int(ignore_index))
+
+
+def unbiased_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, old_classes: Sequence[int],
+                new_classes: Sequence[int], background: int = 0) -> torch.Tensor:
+    """MiB's unbiased knowledge distillation, mean over voxels, in KL form (0 when the student equals the teacher).
+
+    Teacher channel j is class ``old_classes[j]``. The student's probability of background becomes the sum of its
+    probabilities over background and the classes new to the teacher, N = new_classes \\ old_classes; every other
+    old class c keeps q(c):  sum_j p_t(j) [log p_t(j) - log q_hat(old_classes[j])].
+    The paper writes the cross-entropy -sum_j p_t(j) log q_hat(.): it differs by the teacher's entropy, a constant
+    for the student, so the gradient is the same. With N empty it is the plain KD, KL(p_t || q|old classes).
+    """
+    old = [int(c) for c in old_classes]
+    if teacher_logits.shape[1] != len(old):
+        raise ValueError(f"teacher has {teacher_logits.shape[1]} channels but {len(old)} old classes were given")
+    if background not in old:
+        raise ValueError("the background class must be one of the old classes")
+    new_to_teacher = [c for c in new_classes if c not in set(old)]
+    log_q = _merge_background(F.log_softmax(student_logits.float(), dim=1), new_to_teacher, background)[:, old]
+    log_p = F.log_softmax(teacher_logits.float(), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+
+
+class MiB(DistillationMethod):
+    name = "mib"
+    #: lambda: weight of the unbiased KD term, 10 as in Cermelli et al. 2020 (Sec. 5, implementation details).
+    params = {"lambda": 10.0}
+
+    def distill(self, trainer, data, target, output, teacher_output):
+        student = as_list(output)
+        n_old, n_student = teacher_output[0].shape[1], student[0].shape[1]
+        old = list(range(n_old))
+        new = self.annotated_classes(trainer, n_student)
+        terms = {"mib_kd": float(self.config["lambda"]) * weighted_over_outputs(
+            lambda s, t, k: unbiased_kd(s, t, old, new), student, teacher_output)}
+        if any(c not in set(new) and c != 0 for c in old):
+            # class-incremental: swap the CE inside nnU-Net's Dice+CE (weight 1, same deep-supervision weights)
+            # for the unbiased CE by adding sum_k w_k (UCE_k - CE_k); nothing is added in the domain scenario.
+            ignore = getattr(getattr(trainer, "label_manager", None), "ignore_label", None)
+            targets = as_list(target)
+            terms["mib_unce_correction"] = weighted_over_outputs(
+                lambda s, t, k: unbiased_cross_entropy(s, targets[k], old, new, ignore_index=ignore)
+                - unbiased_cross_entropy(s, targets[k], [], [], ignore_index=ignore), student, student)
+        return terms

@@ -1,0 +1,76 @@
+"""Every installed method: a run interrupted in the middle of its last stage and resumed ends with exactly the
+weights of an uninterrupted run (so the method's state, e.g. importances, teachers or the replay buffer, is
+saved and restored), and no method except those that declare it writes image data into the run folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lifelong_nnunet.datasets.synthetic import build_synthetic_sites
+from lifelong_nnunet.experiment import experiment_from_dict
+from lifelong_nnunet.methods import available_methods, create_method
+from lifelong_nnunet.nnunet.trainer import ContinualTrainer
+from lifelong_nnunet.runner import load_schedule, run_experiment
+
+pytestmark = pytest.mark.slow
+METHODS = [m for m in available_methods() if not m.startswith("test-")]
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".npy", ".npz", ".b2nd", ".pkl", ".mha", ".nrrd", ".png.npy")
+BUDGET = {"epochs": 2, "iterations_per_epoch": 3, "val_iterations": 1}
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> list[Path]:
+    return build_synthetic_sites(tmp_path_factory.mktemp("raw"), n_sites=2, cases_per_site=6)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def spec(method, tasks, cache):
+    return experiment_from_dict({"tasks": [str(t) for t in tasks], "method": method, "training": BUDGET,
+                                 "cache_dir": str(cache), "device": "cpu"})
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    last = load_schedule(run)[-1].index
+    return torch.load(run / "stages" / f"stage_{last}" / "model.pt", map_location="cpu",
+                      weights_only=True)["network_weights"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_interrupted_run_resumes_to_identical_weights(method, tasks, cache, tmp_path, monkeypatch):
+    reference = tmp_path / "uninterrupted"
+    run_experiment(spec(method, tasks, cache), reference, quiet=True)
+
+    last_stage = create_method(method).schedule([t.name for t in tasks])[-1].index
+    original = ContinualTrainer.on_epoch_end
+
+    def interrupt_after_first_epoch_of_last_stage(self):
+        original(self)  # the epoch's checkpoint is written first
+        if self.stage.index == last_stage and self.current_epoch == 1:
+            raise Interrupt
+
+    resumed = tmp_path / "interrupted"
+    monkeypatch.setattr(ContinualTrainer, "on_epoch_end", interrupt_after_first_epoch_of_last_stage)
+    with pytest.raises(Interrupt):
+        run_experiment(spec(method, tasks, cache), resumed, quiet=True)
+    monkeypatch.setattr(ContinualTrainer, "on_epoch_end", original)
+    assert not (resumed / "results.csv").exists()
+    run_experiment(spec(method, tasks, cache), resumed, quiet=True)
+    assert "resuming from epoch 1" in (resumed / "run.log").read_text()
+
+    a, b = final_weights(reference), final_weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resume changed the result"
+
+    if not create_method(method).keeps_old_data:
+        images = [p for p in resumed.rglob("*") if p.name.endswith(IMAGE_SUFFIXES)]
+        assert not images, f"{method} wrote image data into its run folder: {images[:3]}"
