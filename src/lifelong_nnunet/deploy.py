@@ -47,6 +47,16 @@ def select_model(run_dir: Path, task: str | None = None) -> Path:
 def load_network(run_dir: Path, model_path: Path, task: str | None = None):
     """Rebuild the run's network (through its method, for multi-head and other architectures) with its weights,
     and return the module that segments ``task`` (``None``: the method's own choice)."""
+    method, net, seen, plans, djson, exp = _load_run_network(run_dir, model_path)
+    return method.network_for_task(net, _full_task_name(seen, task)), plans, djson, exp
+
+
+def _full_task_name(seen: list[str], task: str | None) -> str | None:
+    return next((t for t in seen if task in (t, t.split("_", 1)[-1])), task)
+
+
+def _load_run_network(run_dir: Path, model_path: Path):
+    """The run's method and its whole network (all tasks' parts) with the stored weights."""
     from .methods import Method, create_method
     from .nnunet.trainer import build_network
     exp = read_json(run_dir / "experiment.json")
@@ -63,8 +73,7 @@ def load_network(run_dir: Path, model_path: Path, task: str | None = None):
     except RuntimeError:
         raise UserInputError(f"The weights in {model_path} do not fit the network of method '{exp['method']}'. "
                              f"Install the version of lifelong-nnunet that made this run.") from None
-    full_name = next((t for t in seen if task in (t, t.split("_", 1)[-1])), task)
-    return method.network_for_task(net, full_name), plans, djson, exp
+    return method, net, seen, plans, djson, exp
 
 
 def find_inputs(folder: Path, n_channels: int, file_ending: str) -> dict[str, list[Path]]:
@@ -102,14 +111,25 @@ def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None =
     import numpy as np
     run_dir = Path(run_dir)
     model = select_model(run_dir, task)
-    net, plans, djson, exp = load_network(run_dir, model, task)
+    method, full_net, seen, plans, djson, exp = _load_run_network(run_dir, model)
+    net = method.network_for_task(full_net, _full_task_name(seen, task))
     cases = find_inputs(input_dir, len(djson["channel_names"]), djson["file_ending"])
-    seg = Segmenter(net, plans, exp["configuration"], djson, resolve_device(device), mirroring)
+    dev = resolve_device(device)
+    seg = Segmenter(net, plans, exp["configuration"], djson, dev, mirroring)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    # no --task and a method that picks a part of its network per image (e.g. one head per task): one choice per case
+    choose, by_task, choices = getattr(method, "choose_task", None) if task is None else None, {}, {}
     for i, (case, files) in enumerate(sorted(cases.items())):
         image, props = seg.read(files)
+        if choose is not None:
+            choices[case] = choose(full_net, lambda m: Segmenter(m, plans, exp["configuration"], djson, dev, mirroring)
+                                   .predict_arrays(image, props, probabilities=True)[1], seen)
+            if choices[case] not in by_task:
+                by_task[choices[case]] = Segmenter(method.network_for_task(full_net, choices[case]), plans,
+                                                   exp["configuration"], djson, dev, mirroring)
+            seg = by_task[choices[case]]
         out = output_dir / f"{case}{djson['file_ending']}"
         if probabilities:
             labels, probs = seg.predict_arrays(image, props, probabilities=True)
@@ -122,6 +142,8 @@ def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None =
         written.append(out)
         if progress:
             progress(i + 1, len(cases), case)
+    if choices:
+        write_json(output_dir / "chosen_tasks.json", choices)
     return written
 
 
@@ -134,6 +156,11 @@ def export_model_folder(run_dir: Path, output: Path, task: str | None = None) ->
     if output.exists() and any(output.iterdir()):
         raise UserInputError(f"{output} exists and is not empty. Export into a new folder.")
     weights = load_network(run_dir, model, task)[0].state_dict()
+    from .nnunet.trainer import build_network
+    if set(weights) != set(build_network(plans, exp["configuration"], djson).state_dict()):
+        raise UserInputError(f"The model of method '{exp['method']}' has parts per task and chooses between them per "
+                             f"image; a stock nnU-Net model holds one. Export one task's network with --task (one "
+                             f"of {', '.join(read_json(run_dir / 'splits.json'))}).")
     patch = plans["configurations"][exp["configuration"]]["patch_size"]
     checkpoint = {
         "network_weights": weights,

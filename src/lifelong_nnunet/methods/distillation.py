@@ -14,7 +14,8 @@ Everything here is a pure function of tensors, except `Teacher` and `FeatureCapt
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -10,9 +10,17 @@ are the trainer's live output, so the term back-propagates into every student pa
 """
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
-from .distillation import DistillationMethod, as_list, old_class_logits, softened_kl, weighted_over_outputs
+from .distillation import (
+    DistillationMethod,
+    as_list,
+    old_class_logits,
+    softened_kl,
+    weighted_over_outputs,
+)
 
 
 def lwf_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], temperature: float,
@@ -27,7 +35,7 @@ class LwF(DistillationMethod):
     name = "lwf"
     #: lambda (lambda_o in the paper): 1, the paper's default loss balance; temperature T = 2, the paper's choice
     #: following Hinton et al. 2015 (Li & Hoiem, Sec. 3).
-    params = {"lambda": 1.0, "temperature": 2.0}
+    params: ClassVar[dict[str, Any]] = {"lambda": 1.0, "temperature": 2.0}
 
     def distill(self, trainer, data, target, output, teacher_output):
         return {"lwf": lwf_loss(as_list(output), teacher_output, float(self.config["temperature"]),

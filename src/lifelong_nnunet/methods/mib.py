@@ -6,7 +6,8 @@ annotated in the current task's data. See docs/methods/mib.md for the formulas a
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ def unbiased_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, old_
 class MiB(DistillationMethod):
     name = "mib"
     #: lambda: weight of the unbiased KD term, 10 as in Cermelli et al. 2020 (Sec. 5, implementation details).
-    params = {"lambda": 10.0}
+    params: ClassVar[dict[str, Any]] = {"lambda": 10.0}
 
     def distill(self, trainer, data, target, output, teacher_output):
         student = as_list(output)
