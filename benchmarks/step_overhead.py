@@ -27,7 +27,8 @@ from lifelong_nnunet.io_utils import read_json, write_json, write_text
 from lifelong_nnunet.methods import Stage, available_methods, create_method
 from lifelong_nnunet.nnunet.env import resolve_device
 from lifelong_nnunet.nnunet.planning import Workspace
-from lifelong_nnunet.runner import RunFolder, StageContext, default_cache_dir, prepare
+from lifelong_nnunet.nnunet.trainer import build_network
+from lifelong_nnunet.runner import RunFolder, StageContext, default_cache_dir, load_model, prepare, save_model
 
 TARGETS = {"regularisation": 1.10, "distillation": 1.6}
 KIND = {"ewc": "regularisation", "mas": "regularisation", "rw": "regularisation",
@@ -47,14 +48,20 @@ def measure(run_dir: Path, method: str, steps: int, scratch: Path) -> dict:
     folder = scratch / method
     tasks, _ = prepare(exp, folder, RunLog(quiet=True))
     (folder / "stages").mkdir(parents=True)
-    for i in (0, 1):
-        shutil.copytree(run_dir / "stages" / f"stage_{i}", folder / "stages" / f"stage_{i}",
-                        ignore=shutil.ignore_patterns("nnunet"))
+    shutil.copytree(run_dir / "stages" / "stage_0", folder / "stages" / "stage_0",
+                    ignore=shutil.ignore_patterns("nnunet"))
+    # the run's trained stage-1 weights, in the method's own architecture (e.g. with its first head)
+    method_impl = create_method(method)
+    net = build_network(read_json(run_dir / "plans.json"), exp.configuration, read_json(run_dir / "dataset.json"),
+                        deep_supervision=True)
+    net.load_state_dict(load_model(run_dir / "stages" / "stage_1" / "model.pt")["network_weights"])
+    save_model(folder / "stages" / "stage_1" / "model.pt",
+               method_impl.adapt_network(net, [tasks[0].name]).state_dict(), {})
     stages = [Stage(1, (tasks[0].name,)), Stage(2, (tasks[1].name,))]
     write_json(folder / "schedule.json", [{"index": s.index, "train_tasks": list(s.train_tasks), "init": s.init,
                                             "budget": 1.0} for s in stages])
     workspace = Workspace(Path(exp.cache_dir) if exp.cache_dir else default_cache_dir(), tasks, exp.configuration)
-    ctx = StageContext(exp, RunFolder(folder), workspace, tasks, create_method(method), resolve_device(exp.device),
+    ctx = StageContext(exp, RunFolder(folder), workspace, tasks, method_impl, resolve_device(exp.device),
                        RunLog(quiet=True))
     with ctx.stage_env(stages[0]):  # importances/teachers of the finished first task, as in a real run
         first = ctx.build_stage_trainer(stages[0], epochs=1)

@@ -267,14 +267,14 @@ def test_pod_reads_features_of_both_networks_at_configured_layers(setup):
     method.before_stage(trainer, STAGE2)
     assert method.student_capture.names == ["encoder.stages.0", "encoder.stages.1", "encoder.stages.2"]
     seen = {}
-    orig = method.distill
+    orig = method.pod_term
 
-    def spy(trainer_, data_, target_, output_, teacher_output_):
+    def spy():
         seen["s"] = {k: v for k, v in method.student_capture.features.items()}
         seen["t"] = {k: v for k, v in method.teacher_capture.features.items()}
-        return orig(trainer_, data_, target_, output_, teacher_output_)
+        return orig()
 
-    method.distill = spy
+    method.pod_term = spy
     step_terms(method, trainer, data, target)
     shapes = {"encoder.stages.0": (1, 4, 16, 16, 16), "encoder.stages.1": (1, 8, 8, 8, 8),
               "encoder.stages.2": (1, 8, 4, 4, 4)}
@@ -367,3 +367,21 @@ def test_plop_class_mode_adds_pseudo_label_correction(setup):
     pseudo, given = calls
     changed = pseudo[0] != given[0]
     assert changed.any() and (given[0][changed] == 0).all() and (pseudo[0][changed] == 1).all()
+
+
+def test_plop_encoder_only_teacher_pass_equals_full_teacher_pass(setup):
+    """With every class annotated and encoder-only POD layers, PLOP runs just the teacher's encoder: the term
+    must be exactly what the full teacher forward gives."""
+    from lifelong_nnunet.methods.distillation import DistillationMethod
+    trainer, data, target = setup
+    method = create_method("plop")
+    method.before_stage(trainer, STAGE2)
+    with torch.no_grad():
+        for p in trainer.network.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    output = trainer.network(data)
+    fast = method.loss_terms(trainer, data, target, output)["plop_pod"]
+    output = trainer.network(data)
+    full = DistillationMethod.loss_terms(method, trainer, data, target, output)["plop_pod"]
+    assert fast.item() > 0
+    assert torch.allclose(fast, full)

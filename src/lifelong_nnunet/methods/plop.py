@@ -149,7 +149,21 @@ class PLOP(DistillationMethod):
         self.student_capture = self.teacher_capture = None
         super().release()
 
-    def distill(self, trainer, data, target, output, teacher_output):
+    def loss_terms(self, trainer, data, target, output) -> dict[str, torch.Tensor]:
+        if self.teacher is None:
+            return {}
+        n_student = as_list(output)[0].shape[1]
+        needs_teacher_logits = set(range(1, n_student)) - set(self.annotated_classes(trainer, n_student))
+        if not needs_teacher_logits and all(n.startswith("encoder.") for n in self.student_capture.names):
+            # every class is annotated (no pseudo-labels) and POD reads encoder features only: the teacher's
+            # decoder would be wasted work (measured: ~0.15x of a training step on CPU)
+            with torch.no_grad():
+                self.teacher.encoder(data)
+            return {"plop_pod": self.pod_term()}
+        return super().loss_terms(trainer, data, target, output)
+
+    def pod_term(self) -> torch.Tensor:
+        """pod_lambda x Local POD distance between the features both networks produced in this step."""
         student_feats, teacher_feats = self.student_capture.pop(), self.teacher_capture.pop()
         names = self.student_capture.names
         missing = [n for n in names if n not in student_feats or n not in teacher_feats]
@@ -157,8 +171,11 @@ class PLOP(DistillationMethod):
             raise RuntimeError(f"plop: no features captured at {missing}; the student's forward hooks did not run "
                                f"(is the network compiled? set nnUNet_compile=f)")
         scales = [int(s) for s in self.config["scales"]]
-        terms = {"plop_pod": float(self.config["pod_lambda"]) * local_pod_loss(
-            [student_feats[n] for n in names], [teacher_feats[n] for n in names], scales)}
+        return float(self.config["pod_lambda"]) * local_pod_loss(
+            [student_feats[n] for n in names], [teacher_feats[n] for n in names], scales)
+
+    def distill(self, trainer, data, target, output, teacher_output):
+        terms = {"plop_pod": self.pod_term()}
         student = as_list(output)
         n_old = teacher_output[0].shape[1]
         annotated = set(self.annotated_classes(trainer, student[0].shape[1]))
