@@ -1,9 +1,9 @@
 """Every method on the demo benchmark with one budget and seed, in one table.
 
-    .venv/bin/python benchmarks/methods.py [--out runs/demo] [--epochs 7] [--iterations 50] [--methods ...]
+    .venv/bin/python benchmarks/methods.py [--out runs/methods] [--epochs 7] [--iterations 50] [--methods ...]
 
-Each method is an ordinary run folder `OUT/<method>` (resumable; a finished run is not recomputed, so the demo's
-sequential/joint/separate runs are reused when the budget matches). Writes benchmarks/results/methods.{md,json}
+Each method is an ordinary run folder `OUT/<method>` (resumable; a finished run is not recomputed). `sequential`
+and `joint` always run too, in the same conditions, since times are reported relative to `sequential`. Writes benchmarks/results/methods.{md,json}
 with final average Dice, BWT, FWT, mean forgetting, the gap to `joint`, the forgetting cut relative to
 `sequential`, training time relative to `sequential` and peak memory.
 """
@@ -26,7 +26,7 @@ def fmt(v, spec=".3f"):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--out", type=Path, default=Path("runs/methods"))
     parser.add_argument("--data-root", type=Path, default=Path("data/raw"))
     parser.add_argument("--epochs", type=int, default=7)
     parser.add_argument("--iterations", type=int, default=50)
