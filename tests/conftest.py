@@ -72,3 +72,15 @@ def cli_in_process(tmp_path, monkeypatch, capsys):
         return code, captured.out, captured.err
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def synthetic_tasks(tmp_path_factory) -> list[Path]:
+    """Two synthetic sites (6 cases of 32^3 each) for tests that train; never modify them."""
+    return build_synthetic_sites(tmp_path_factory.mktemp("raw"), n_sites=2, cases_per_site=6)
+
+
+@pytest.fixture(scope="session")
+def planning_cache(tmp_path_factory) -> Path:
+    """One planning cache for the whole session, so nnU-Net plans `synthetic_tasks` only once."""
+    return tmp_path_factory.mktemp("cache")

@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 import torch
 
-from lifelong_nnunet.datasets.synthetic import build_synthetic_sites
 from lifelong_nnunet.experiment import experiment_from_dict
 from lifelong_nnunet.methods.sequential import Sequential
 from lifelong_nnunet.methods.separate import Separate
@@ -46,13 +45,8 @@ class SeparateInitProbe(Separate):
 
 
 @pytest.fixture(scope="session")
-def synthetic_tasks(tmp_path_factory) -> list[Path]:
-    return build_synthetic_sites(tmp_path_factory.mktemp("raw"), n_sites=2, cases_per_site=6)
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache_dir(planning_cache) -> Path:
+    return planning_cache
 
 
 def spec(tasks, cache_dir, method="sequential", **extra) -> dict:

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lifelong_nnunet.datasets.synthetic import build_synthetic_sites
 from lifelong_nnunet.experiment import experiment_from_dict
 from lifelong_nnunet.methods import available_methods, create_method
 from lifelong_nnunet.nnunet.trainer import ContinualTrainer
@@ -25,13 +24,13 @@ class Interrupt(Exception):
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory) -> list[Path]:
-    return build_synthetic_sites(tmp_path_factory.mktemp("raw"), n_sites=2, cases_per_site=6)
+def tasks(synthetic_tasks) -> list[Path]:
+    return synthetic_tasks
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(planning_cache) -> Path:
+    return planning_cache
 
 
 def spec(method, tasks, cache):
