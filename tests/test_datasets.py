@@ -84,7 +84,8 @@ def test_synthetic_is_deterministic_and_seed_dependent(tmp_path, synthetic_sites
 
 
 def test_registry_and_unknown_builder(tmp_path):
-    assert set(BUILDERS) == {"hippocampus-sites", "synthetic-sites"}
+    assert {"hippocampus-sites", "synthetic-sites", "synthetic-structures", "brain-structures",
+            "totalseg-ct"} <= set(BUILDERS)
     assert build("synthetic-sites", tmp_path, n_sites=1, cases_per_site=1)[0].is_dir()
     with pytest.raises(UserInputError, match="synthetic-sites"):
         build("decathlon", tmp_path)

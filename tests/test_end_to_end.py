@@ -79,8 +79,11 @@ def test_run_folder_holds_results_matrix_and_report(sequential_run, synthetic_ta
             rows = results[(results.stage == stage) & (results.eval_task == task)]
             assert sorted(rows.case.unique()) == sorted(splits[task])
             assert set(rows.label) == {"structure_a", "structure_b"}
-            assert set(rows.metric) == {"dice", "iou"}
-    assert results.value.between(0, 1).all()
+            assert set(rows.metric) == {"dice", "iou", "nsd", "hd95"}
+    overlap = results[results.metric != "hd95"]
+    assert overlap.value.between(0, 1).all()
+    hd95 = results[results.metric == "hd95"].value.dropna()
+    assert len(hd95) and (hd95 >= 0).all()  # mm; NaN only where one side is empty
     summary = json.loads((sequential_run / "summary.json").read_text())
     R = np.array(summary["R"])
     assert R.shape == (3, 2)

@@ -8,10 +8,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lifelong_nnunet.evaluation.continual import continual_metrics, reference_gaps, result_matrix, stage_labels
+from lifelong_nnunet.evaluation.continual import (
+    continual_metrics,
+    reference_gaps,
+    result_matrix,
+    stage_labels,
+)
 from lifelong_nnunet.evaluation.metrics import score_case
-from lifelong_nnunet.evaluation.plots import plot_method_comparison, plot_result_matrix, plot_task_curves
-from lifelong_nnunet.evaluation.report import render_comparison_markdown, render_markdown
+from lifelong_nnunet.evaluation.plots import (
+    plot_method_comparison,
+    plot_result_matrix,
+    plot_task_curves,
+)
+from lifelong_nnunet.evaluation.report import (
+    render_comparison_markdown,
+    render_markdown,
+)
 
 
 def _scores(rows: list[dict]) -> dict[tuple[str, str], float]:
@@ -212,7 +224,44 @@ def test_render_comparison_markdown():
     joint = {"method": "joint", "tasks": ["t1", "t2", "t3"], "final_average": 0.875, "bwt": None,
              "final_per_task": [0.95, 0.8, 0.875]}
     md = render_comparison_markdown({"sequential": _summary(), "joint": joint}, {"comparison": "cmp.png"})
-    assert "| method | Final average | BWT | FWT | Mean forgetting | Plasticity | final t1 | final t2 | final t3 |" in md
+    assert ("| method | Final average | BWT | FWT | Mean forgetting | Plasticity | final t1 | final t2 | final t3 |"
+            in md)
     assert "| sequential | 0.750 | -0.175 | 0.425 | 0.175 | 0.867 | 0.600 | 0.750 | 0.900 |" in md
     assert "| joint | 0.875 | — | — | — | — | 0.950 | 0.800 | 0.875 |" in md
     assert "![comparison](cmp.png)" in md
+
+
+# ---------------------------------------------------------------- another headline metric
+
+HD = np.array([[30.0, 30.0, 30.0], [4.0, 20.0, 18.0], [12.0, 4.0, 25.0], [10.0, 22.0, 5.0]])  # mm, lower = better
+
+
+def test_plots_of_a_metric_in_mm(tmp_path):
+    R = pd.DataFrame(HD, columns=["t1", "t2", "t3"])
+    plot_result_matrix(R, tmp_path / "R.png", "hd95", ROW_LABELS, value_label="HD95 (mm)", vmax=None,
+                       higher_is_better=False)
+    plot_task_curves(R, tmp_path / "curves.png", ROW_LABELS, ylabel="HD95 (mm)", ylim=None)
+    assert _is_png(tmp_path / "R.png") and _is_png(tmp_path / "curves.png")
+
+
+def test_render_markdown_with_a_lower_is_better_headline():
+    hd = {**continual_metrics(HD, higher_is_better=False), "R": HD.tolist(), "higher_is_better": False,
+          "unit": "mm", "n_undefined": 2, "undefined": [[0, 0, 0], [0, 1, 0], [0, 0, 0], [1, 0, 0]]}
+    dice = {**continual_metrics(R3), "higher_is_better": True, "unit": "", "n_undefined": 0}
+    summary = {"method": "sequential", "tasks": ["t1", "t2", "t3"], "metric": "hd95",
+               **{k: hd[k] for k in ("final_average", "final_per_task", "bwt", "fwt", "forgetting",
+                                     "mean_forgetting", "plasticity")},
+               "by_metric": {"dice": dice, "hd95": hd}}
+    md = render_markdown(summary, pd.DataFrame(HD, columns=["t1", "t2", "t3"]), ROW_LABELS, {})
+    assert "**Headline metric:** HD95 (mm)" in md and "Mean foreground HD95 (mm)" in md
+    assert "| after t1 | 4.000 | 20.000 | 18.000 |" in md
+    assert "| BWT | -12.000 | backward transfer" in md and "lower is better; negative = forgetting" in md
+    assert "| Mean forgetting | 12.000 |" in md and "positive = worse" in md
+    assert "2 (case, label) HD95 score(s) are undefined" in md and "| after t3 | 1 | 0 | 0 |" in md
+    assert "| Dice | 0.750 | -0.175 | 0.425 | 0.175 | 0.867 | 0.600 | 0.750 | 0.900 | 0 |" in md
+    assert "| HD95 (mm) | 12.333 | -12.000 | 7.500 | 12.000 | 4.333 | 10.000 | 22.000 | 5.000 | 2 |" in md
+
+
+def test_render_markdown_without_by_metric_has_no_all_metrics_table():
+    md = render_markdown(_summary(), pd.DataFrame(R3, columns=["t1", "t2", "t3"]), ROW_LABELS, {})
+    assert "## All metrics" not in md and "**Headline metric:** Dice" in md

@@ -128,7 +128,7 @@ def test_identity_excludes_machine_specific_fields():
     other = experiment_from_dict({"tasks": ["a"], "device": "cuda", "cache_dir": "/elsewhere"})
     assert other.identity() == identity
     assert experiment_from_dict({"tasks": ["a"], "seed": 1}).identity() != identity
-    assert set(exp.to_dict()) == set(identity) | {"device", "cache_dir", "raw_root"}
+    assert set(exp.to_dict()) == set(identity) | {"device", "cache_dir", "raw_root", "plan_with"}
 
 
 def test_identity_round_trips_through_experiment_from_dict():

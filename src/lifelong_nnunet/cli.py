@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -85,15 +85,83 @@ def _split_tasks(tasks: Optional[List[str]]) -> list[str]:
 
 
 @app.command()
+def sweep(
+    spec: Annotated[Path | None, typer.Argument(help="Sweep YAML (docs/sweep.md). Flags below override it.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Sweep folder (created; an existing sweep "
+                                                "resumes run by run).")] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Tasks in their given order: raw dataset "
+                                                    "folders, names or IDs.")] = None,
+    methods: Annotated[list[str] | None, typer.Option("--methods", help="Continual methods to compare (several "
+                                                      "values).")] = None,
+    orderings: Annotated[str | None, typer.Option(help="given, reverse (given + reversed), all (every "
+                                                  "permutation), or N (given + N-1 seeded random orders).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Number of seeds: runs with seeds 0..N-1.")] = None,
+    max_orderings: Annotated[int | None, typer.Option(help="Guard: refuse more orderings than this (default "
+                                                      "720 = 6 tasks, all).")] = None,
+    scenario: Annotated[str | None, typer.Option(help="domain or class.")] = None,
+    configuration: Annotated[str | None, typer.Option(help="nnU-Net configuration: 3d_fullres or 2d.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per stage.")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Training iterations per epoch.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    raw_root: Annotated[Path | None, typer.Option(help="Folder to resolve dataset names/IDs in.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Planning cache (shared by all runs; on a cluster, on "
+                                                   "the shared filesystem).")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run each run as a Ray task on a local Ray instance "
+                                      "(needs the 'ray' extra, see docs/sweep.md).")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Connect to a Ray cluster: auto or HOST:PORT (implies "
+                                                    "--ray).")] = None,
+    cpus_per_run: Annotated[int, typer.Option(help="Ray: CPUs (torch threads) per run.")] = 1,
+    gpus_per_run: Annotated[float | None, typer.Option(help="Ray: GPUs per run (default: 1 where GPUs exist, "
+                                                       "else 0).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on the console.")] = False,
+) -> None:
+    """Run every method x task ordering x seed, each an ordinary run folder; planning is shared."""
+    from .sweep import command_line, load_sweep_spec, run_sweep, sweep_spec_from_dict
+    if output is None:
+        raise UserInputError("Give the sweep folder with -o (e.g. `lifelong-nnunet sweep sweep.yaml -o "
+                             "runs/sweep1`).")
+    tasks, methods = _split_tasks(tasks), _split_tasks(methods)
+    if spec is not None:
+        data = load_sweep_spec(spec).to_dict()  # YAML-relative folders resolved; flags are relative to here
+    elif tasks:
+        data = {"tasks": tasks}
+    else:
+        raise UserInputError("Give a sweep YAML file or --tasks (e.g. `lifelong-nnunet sweep --tasks Dataset011_A "
+                             "Dataset012_B --methods sequential ewc --orderings reverse --seeds 2 -o runs/sweep`).")
+    overrides = {"tasks": tasks or None, "methods": methods or None, "orderings": orderings, "seeds": seeds,
+                 "max_orderings": max_orderings, "scenario": scenario, "configuration": configuration,
+                 "device": device, "raw_root": str(raw_root) if raw_root else None,
+                 "cache_dir": str(cache_dir) if cache_dir else None}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if methods:  # the YAML's parameters of methods left out by --methods no longer apply
+        data["method_params"] = {m: p for m, p in (data.get("method_params") or {}).items() if m in methods}
+    training = dict(data.get("training") or {})
+    if epochs is not None:
+        training["epochs"] = epochs
+    if iterations is not None:
+        training["iterations_per_epoch"] = iterations
+    data["training"] = training
+    sweep_spec = sweep_spec_from_dict(data, str(spec) if spec else "command line")
+    run_sweep(sweep_spec, output, use_ray=ray, ray_address=ray_address, cpus_per_run=cpus_per_run,
+              gpus_per_run=gpus_per_run, quiet=quiet, command=command_line())
+
+
+@app.command()
 def report(
     run_dir: Path = typer.Argument(..., help="A finished run folder."),
     separate: Optional[Path] = typer.Option(None, help="Run folder of `separate` on the same tasks (reference)."),
     joint: Optional[Path] = typer.Option(None, help="Run folder of `joint` on the same tasks (upper bound)."),
+    metric: Annotated[str | None, typer.Option(
+        "--metric", help="Headline metric of the report, the figures and summary.json's top-level keys: dice, iou, "
+                         "nsd or hd95 (default: the spec's evaluation.report_metric).")] = None,
 ) -> None:
     """Re-render summary.json, the figures and report.md from stored results (no retraining)."""
+    from .evaluation.metrics import DISPLAY_NAMES, UNITS
     from .evaluation.summary import write_summary_and_report
-    summary = write_summary_and_report(run_dir, {"separate": separate, "joint": joint})
-    console.print(f"Final average Dice {summary['final_average']:.3f}. Report: {Path(run_dir) / 'report.md'}")
+    summary = write_summary_and_report(run_dir, {"separate": separate, "joint": joint}, metric=metric)
+    m, value = summary["metric"], summary["final_average"]
+    shown = "undefined" if value is None else f"{value:.3f}" + (f" {UNITS[m]}" if UNITS.get(m) else "")
+    console.print(f"Final average {DISPLAY_NAMES.get(m, m)} {shown}. Report: {Path(run_dir) / 'report.md'}")
 
 
 @app.command()
@@ -166,11 +234,12 @@ def demo(
     run_demo(output, data_root, epochs, iterations, seed)
 
 
-MULTI_VALUE_OPTIONS = ("--tasks",)
+MULTI_VALUE_OPTIONS = ("--tasks", "--methods")
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:
-    """Let `--tasks A B C` mean `--tasks A --tasks B --tasks C` (click options take one value each)."""
+    """Let `--tasks A B C` mean `--tasks A --tasks B --tasks C` (click options take one value each); the same for
+    `--methods`."""
     out: list[str] = []
     current = None
     for arg in argv:

@@ -66,8 +66,15 @@ def _load_run_network(run_dir: Path, model_path: Path):
         method = create_method(exp["method"], exp["method_params"])
     except UserInputError:
         method = Method()  # not installed here: fine as long as the weights fit a plain nnU-Net network
+    if (run_dir / "labels.json").is_file():
+        from .labels import LabelSpace
+        method.labels = LabelSpace.from_dict(read_json(run_dir / "labels.json"))
+    method.load_state_dict(payload.get("method_state", {}))  # e.g. the architecture chosen for each task
     seen = payload["info"].get("tasks_seen", [])
     net = method.adapt_network(build_network(plans, exp["configuration"], djson, deep_supervision=False), seen)
+    if method.labels is not None:
+        from .runner import known_labels_json
+        djson = known_labels_json(djson, method.labels, seen)
     try:
         net.load_state_dict(payload["network_weights"])
     except RuntimeError:

@@ -6,6 +6,7 @@ fall back to a default).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,23 @@ class TestSplit:
 class Evaluation:
     mirroring: bool = False  # test-time mirroring costs 8x prediction time on CPU
     tile_step_size: float = 0.5
+    # what every test case is scored with (names in lifelong_nnunet.evaluation.metrics.METRICS)
+    metrics: list[str] = field(default_factory=lambda: ["dice", "iou", "nsd", "hd95"])
+    # NSD tolerance in mm: one number, or label name -> mm with an optional "default" key
+    nsd_tolerance_mm: float | dict[str, float] = 2.0
+    report_metric: str = "dice"  # the metric of the report's headline, summary.json's top-level keys and plots
+
+    def identity(self) -> dict:
+        """As a dict, without the fields added after the first release while they hold their defaults: run
+        folders written before those fields existed keep their identity and still resume."""
+        d, default = asdict(self), asdict(Evaluation())
+        for name in _EVALUATION_FIELDS_ADDED:
+            if d[name] == default[name]:
+                d.pop(name)
+        return d
+
+
+_EVALUATION_FIELDS_ADDED = ("metrics", "nsd_tolerance_mm", "report_metric")
 
 
 @dataclass
@@ -49,6 +67,7 @@ class Experiment:
     method_params: dict[str, Any] = field(default_factory=dict)
     scenario: str = "domain"
     configuration: str = "3d_fullres"
+    plan_with: str | int | None = None  # the task nnU-Net plans on (folder, name or ID); None: the first task
     training: Training = field(default_factory=Training)
     test_split: TestSplit = field(default_factory=TestSplit)
     evaluation: Evaluation = field(default_factory=Evaluation)
@@ -64,8 +83,11 @@ class Experiment:
     def identity(self) -> dict:
         """The fields that define *what* is computed: a run folder may only be resumed with the same identity."""
         d = self.to_dict()
+        d["evaluation"] = self.evaluation.identity()
         for k in ("device", "cache_dir", "raw_root"):
             d.pop(k)
+        if d["plan_with"] is None:  # the default: run folders written before the field existed still resume
+            d.pop("plan_with")
         return d
 
 
@@ -152,10 +174,49 @@ def validate(exp: Experiment, where: str = "spec") -> None:
         raise bad(f"evaluation.mirroring must be true or false (got {exp.evaluation.mirroring!r}).")
     if not _is_number(exp.evaluation.tile_step_size) or not 0 < exp.evaluation.tile_step_size <= 1:
         raise bad(f"evaluation.tile_step_size must lie in (0, 1] (got {exp.evaluation.tile_step_size!r}).")
+    _validate_evaluation_metrics(exp.evaluation, bad)
     if not isinstance(exp.seed, int):
         raise bad(f"seed must be an integer (got {exp.seed!r}).")
     if not isinstance(exp.method_params, dict):
         raise bad("method_params must be a mapping of parameter names to values.")
+    if exp.plan_with is not None and (isinstance(exp.plan_with, bool) or not isinstance(exp.plan_with, (str, int))
+                                      or task_id_of(exp.plan_with) not in {task_id_of(t) for t in exp.tasks}):
+        raise bad(f"plan_with {exp.plan_with!r} is not one of the tasks {exp.tasks}. Name one of them (folder, "
+                  f"dataset name or ID), or leave plan_with out to plan with the first task.")
+
+
+def task_id_of(spelling: str | int) -> int | str:
+    """A task as written (folder, ``DatasetXXX_Name`` or ID) reduced to its dataset ID, unique within a sequence, so
+    that ``plan_with: 11`` matches the task ``/data/Dataset011_SiteA``; the plain string if it names no ID."""
+    text = str(spelling).strip().rstrip("/\\")
+    if text.isdigit():
+        return int(text)
+    match = re.match(r"Dataset(\d{3})_", Path(text).name)
+    return int(match.group(1)) if match else text
+
+
+def _validate_evaluation_metrics(ev: Evaluation, bad) -> None:
+    """The metric list, the NSD tolerance(s) and the headline metric. Label names in a tolerance mapping are
+    checked against the tasks' labels when the run evaluates (the spec alone does not know them)."""
+    from .evaluation.metrics import METRICS
+
+    if not isinstance(ev.metrics, list) or not ev.metrics or not all(isinstance(m, str) for m in ev.metrics):
+        raise bad(f"evaluation.metrics must be a non-empty list of metric names from {list(METRICS)} "
+                  f"(got {ev.metrics!r}).")
+    unknown = [m for m in ev.metrics if m not in METRICS]
+    if unknown:
+        raise bad(f"evaluation.metrics: unknown metric(s) {unknown}; choose from {list(METRICS)}.")
+    if len(set(ev.metrics)) != len(ev.metrics):
+        raise bad(f"evaluation.metrics lists a metric twice ({ev.metrics}). Give each once.")
+    tolerance = ev.nsd_tolerance_mm
+    values = tolerance.values() if isinstance(tolerance, dict) else [tolerance]
+    if (isinstance(tolerance, dict) and (not tolerance or not all(isinstance(k, str) for k in tolerance))) \
+            or not all(_is_number(v) and 0 <= v < float("inf") for v in values):
+        raise bad(f"evaluation.nsd_tolerance_mm must be a distance in mm >= 0, or a mapping of label names (and "
+                  f"optionally 'default') to such distances (got {tolerance!r}).")
+    if ev.report_metric not in ev.metrics:
+        raise bad(f"evaluation.report_metric '{ev.report_metric}' is not among evaluation.metrics {ev.metrics}; "
+                  f"pick one of them, or add it to the list.")
 
 
 def _is_number(value: Any) -> bool:

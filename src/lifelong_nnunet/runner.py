@@ -21,7 +21,8 @@ from .errors import UserInputError
 from .experiment import Experiment
 from .io_utils import atomic_write, read_json, write_json
 from .methods import Method, Stage, create_method
-from .tasks import LabelRegistry, Task, check_case, check_sequence, load_task, make_test_split, resolve_task_folder
+from .labels import LabelSpace
+from .tasks import Task, check_case, check_sequence, load_task, make_test_split, resolve_task_folder
 
 RESULT_COLUMNS = ["stage", "trained_on", "eval_task", "case", "label", "metric", "value"]
 
@@ -69,7 +70,7 @@ class RunFolder:
         return self.stage_dir(index) / "eval.csv"
 
 
-def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], LabelRegistry]:
+def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], LabelSpace]:
     """Every check on the spec, the data and the run folder. Writes nothing."""
     run = RunFolder(Path(run_dir))
     raw_root = exp.raw_root or os.environ.get("nnUNet_raw")
@@ -98,10 +99,7 @@ def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], La
                 bar.advance(job)
             t.test_cases = stored_splits.get(t.name) or make_test_split(
                 t, exp.test_split.fraction, exp.test_split.min_cases, exp.seed)
-    registry = LabelRegistry()
-    for t in tasks:
-        registry.add_task(t.name, t.labels)
-    return tasks, registry
+    return tasks, LabelSpace.from_tasks(tasks, exp.scenario)
 
 
 def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = False) -> dict:
@@ -111,8 +109,13 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = Fa
 
     run = RunFolder(Path(run_dir).resolve())
     log = RunLog(None, quiet)
-    tasks, registry = prepare(exp, run.root, log)
+    tasks, labels = prepare(exp, run.root, log)
     method = create_method(exp.method, exp.method_params)
+    if exp.scenario not in method.scenarios:
+        raise UserInputError(f"method '{method.name}' is not defined for the {exp.scenario} scenario (it supports: "
+                             f"{', '.join(method.scenarios)}); see docs/methods/{method.name}.md. Choose another "
+                             f"method (lifelong-nnunet methods) or scenario.")
+    method.labels = labels
     stages = method.schedule([t.name for t in tasks])
     if run.summary.is_file() and all(run.stage_eval(s.index).is_file() for s in stages):
         log(f"Run in {run.root} is already complete; nothing to do. (Use 'lifelong-nnunet report' to re-render.)")
@@ -122,20 +125,20 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = Fa
     write_json(run.spec, exp.identity())
     write_json(run.splits, {t.name: t.test_cases for t in tasks})
     write_json(run.schedule, [asdict(s) for s in stages])
-    write_json(run.root / "labels.json", registry.to_dict())
+    write_json(run.root / "labels.json", labels.to_dict())
     log(f"Run {run.root}: method '{method.name}', {len(tasks)} task(s), {len(stages)} stage(s), "
         f"configuration {exp.configuration}")
 
     workspace = Workspace(Path(exp.cache_dir) if exp.cache_dir else default_cache_dir(), tasks,
-                          exp.configuration)
+                          exp.configuration, plan_with=exp.plan_with)
     workspace.ensure_planned(log)
-    plans = workspace.plans(tasks[0])
+    plans = workspace.plans(workspace.plan_task)
     write_json(run.root / "plans.json", plans)
-    write_json(run.root / "dataset.json", workspace.dataset_json(tasks[0]))
+    write_json(run.root / "dataset.json", model_dataset_json(workspace.dataset_json(workspace.plan_task), labels))
 
     from .nnunet.env import resolve_device
     device = resolve_device(exp.device)
-    ctx = StageContext(exp, run, workspace, tasks, method, device, log)
+    ctx = StageContext(exp, run, workspace, tasks, method, device, log, labels)
     ctx.ensure_initial_model()
     ctx.evaluate(0, "none")
     for stage in stages:
@@ -152,16 +155,35 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = Fa
     return summary
 
 
+def model_dataset_json(first_task_json: dict, labels: LabelSpace) -> dict:
+    """The dataset.json of the run's model: the first task's, with every structure of the sequence in the class
+    scenario (global IDs), so the final model's label map and its dataset.json list everything learned."""
+    if not labels.is_class_incremental:
+        return first_task_json
+    return {**first_task_json, "labels": labels.dataset_labels(),
+            "description": "lifelong-nnunet class-incremental model over: " + ", ".join(labels.tasks)}
+
+
+def known_labels_json(dataset_json: dict, labels: LabelSpace, tasks_seen: list[str]) -> dict:
+    """``dataset_json`` restricted to the structures a model trained on ``tasks_seen`` outputs (class scenario: its
+    channels 0..n-1); nnU-Net's predictor sizes its buffers from this label list."""
+    if not labels.is_class_incremental:
+        return dataset_json
+    n = labels.num_outputs(tasks_seen)
+    return {**dataset_json, "labels": {k: v for k, v in dataset_json["labels"].items() if v < n}}
+
+
 class StageContext:
-    """State shared by the stages of one run (the workspace, the method, the device)."""
+    """State shared by the stages of one run (the workspace, the method, the device, the label space)."""
 
     def __init__(self, exp: Experiment, run: RunFolder, workspace, tasks: list[Task], method: Method,
-                 device: torch.device, log: RunLog) -> None:
+                 device: torch.device, log: RunLog, labels: LabelSpace | None = None) -> None:
         self.exp, self.run, self.workspace, self.tasks = exp, run, workspace, tasks
         self.method, self.device, self.log = method, device, log
+        self.labels = labels or LabelSpace.from_tasks(tasks, exp.scenario)
         self.by_name = {t.name: t for t in tasks}
         self.plans = workspace.plans(tasks[0])
-        self.dataset_json = workspace.dataset_json(tasks[0])
+        self.dataset_json = model_dataset_json(workspace.dataset_json(tasks[0]), self.labels)
 
     # ---- models --------------------------------------------------------------------------------------------
     def ensure_initial_model(self) -> None:
@@ -172,7 +194,7 @@ class StageContext:
             return
         seed_everything(self.exp.seed)
         net = build_network(self.plans, self.exp.configuration, self.dataset_json, deep_supervision=True)
-        save_model(path, net.state_dict(), {})
+        save_model(path, self.method.adapt_network(net, []).state_dict(), {})
 
     def load_method_state(self, index: int) -> None:
         self.method.load_state_dict(load_model(self.run.model(index))["method_state"])
@@ -250,6 +272,10 @@ class StageContext:
             trainer.set_network(self.method.adapt_network(trainer.network, before))
             trainer.network.load_state_dict(load_model(init_from)["network_weights"])
             trainer.set_network(self.method.adapt_network(trainer.network, [*before, *stage.train_tasks]))
+            trainer.tasks_before, trainer.stage_dir = before, self.run.stage_dir(stage.index)
+            if self.labels.is_class_incremental:  # channels annotated in this stage's data (background shift)
+                trainer.annotated_classes = [0, *sorted({c for name in stage.train_tasks
+                                                         for c in self.labels.global_classes(name)})]
             self.method.before_stage(trainer, stage)
         return trainer
 
@@ -291,15 +317,19 @@ class StageContext:
     # ---- evaluation ----------------------------------------------------------------------------------------
     def evaluate(self, index: int, trained_on: str) -> None:
         """Predict every task's test cases with the stage's model and score them."""
-        from .evaluation.metrics import score_case
+        from .evaluation.metrics import nsd_tolerances, score_case
         from .nnunet.predictor import Segmenter, read_label
         from .nnunet.trainer import build_network
         out = self.run.stage_eval(index)
         if out.is_file():
             return
         net = build_network(self.plans, self.exp.configuration, self.dataset_json, deep_supervision=False)
+        stored = load_model(self.run.model(index))
+        if index > 0:
+            self.method.load_state_dict(stored["method_state"])  # architecture choices the state records
         net = self.method.adapt_network(net, self.tasks_trained_by(index))
-        net.load_state_dict(load_model(self.run.model(index))["network_weights"])
+        net.load_state_dict(stored["network_weights"])
+        dataset_json = known_labels_json(self.dataset_json, self.labels, self.tasks_trained_by(index))
         rows = []
         n_cases = sum(len(t.test_cases) for t in self.tasks)
         started = time.time()
@@ -307,13 +337,18 @@ class StageContext:
             job = bar.add_task(f"Evaluating stage {index}", total=n_cases, info="")
             for t in self.tasks:
                 seg = Segmenter(self.method.network_for_task(net, t.name), self.workspace.plans(t),
-                                self.exp.configuration, self.dataset_json,
+                                self.exp.configuration, dataset_json,
                                 self.device, self.exp.evaluation.mirroring, self.exp.evaluation.tile_step_size)
                 for cid in t.test_cases:
                     case = t.cases[cid]
-                    pred, _ = seg.predict_files(list(case.images))
+                    pred, props = seg.predict_files(list(case.images))
                     ref = read_label(case.label)
-                    for row in score_case(pred, ref, {k: v for k, v in t.labels.items() if v != 0}):
+                    if self.labels.is_class_incremental:  # the task's local values -> global IDs of the model
+                        ref = np.asarray(self.labels.lut(t.name))[ref.astype(np.int64)]
+                    ev, scored = self.exp.evaluation, self.labels.eval_labels(t.name)
+                    for row in score_case(pred, ref, scored, ev.metrics, spacing=props["spacing"],  # z, y, x as pred
+                                          nsd_tolerance_mm=nsd_tolerances(ev.nsd_tolerance_mm, list(scored),
+                                                                          [n for x in self.tasks for n in x.labels])):
                         rows.append({"stage": index, "trained_on": trained_on, "eval_task": t.name, "case": cid,
                                      **row})
                     bar.advance(job, 1)

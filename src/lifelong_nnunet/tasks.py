@@ -202,15 +202,51 @@ def check_sequence(tasks: list[Task], scenario: str) -> None:
 
 
 def make_test_split(task: Task, fraction: float, min_test: int, seed: int, min_train: int = 2) -> list[str]:
-    """A fixed, seeded held-out test split. Test cases are never used for training or nnU-Net's validation."""
+    """A fixed, seeded held-out test split. Test cases are never used for training or nnU-Net's validation.
+
+    Several cases of one subject (variants, crops, repeat scans) on both sides of the split would flatter the test
+    score, so when dataset.json has ``"case_groups": {case_id: group}`` (a lifelong-nnunet extension that nnU-Net
+    ignores) whole groups are held out: round(fraction x number of groups) of them, at least one, and more until
+    at least ``min_test`` cases are held out. Without the key the split is drawn case by case.
+    """
     ids = sorted(task.cases)
-    n_test = max(min_test, int(round(fraction * len(ids))))
-    if len(ids) - n_test < min_train:
-        raise UserInputError(
-            f"{task.folder} has {len(ids)} case(s): too few to hold out {n_test} for testing and keep {min_train} for "
-            f"training and validation. Add cases, or lower test_split.fraction / test_split.min_cases in the spec.")
     rng = np.random.default_rng(seed + task.dataset_id)
-    return sorted(rng.choice(ids, size=n_test, replace=False).tolist())
+    groups = task.dataset_json.get("case_groups")
+    if groups is None:
+        n_test = max(min_test, round(fraction * len(ids)))
+        if len(ids) - n_test < min_train:
+            raise UserInputError(
+                f"{task.folder} has {len(ids)} case(s): too few to hold out {n_test} for testing and keep {min_train} "
+                f"for training and validation. Add cases, or lower test_split.fraction / test_split.min_cases in the "
+                f"spec.")
+        return sorted(rng.choice(ids, size=n_test, replace=False).tolist())
+    djson_path = task.folder / "dataset.json"
+    if not isinstance(groups, dict) or not all(isinstance(g, (str, int)) for g in groups.values()):
+        raise UserInputError(
+            f"{djson_path}: 'case_groups' must map each case id to the name of its group (subject, donor or scan), "
+            f"e.g. {{\"case_001\": \"subject_1\"}}. Fix it, or remove the key to split case by case.")
+    ungrouped = [c for c in ids if c not in groups]
+    if ungrouped:
+        raise UserInputError(
+            f"{djson_path}: 'case_groups' gives no group for case {ungrouped[0]!r} ({len(ungrouped)} case(s) in all). "
+            f"Give every training case its group (subject, donor or scan), or remove 'case_groups' to split case by "
+            f"case.")
+    members: dict[str, list[str]] = {}
+    for case_id in ids:
+        members.setdefault(str(groups[case_id]), []).append(case_id)
+    names = sorted(members)
+    n_groups = max(1, round(fraction * len(names)))
+    test: list[str] = []
+    for k, index in enumerate(rng.permutation(len(names))):
+        if k >= n_groups and len(test) >= min_test:
+            break
+        test += members[names[index]]
+    if len(ids) - len(test) < min_train:
+        raise UserInputError(
+            f"{task.folder} has {len(ids)} case(s) in {len(names)} group(s) ('case_groups' in dataset.json): holding "
+            f"out whole groups for testing ({len(test)} case(s)) leaves fewer than {min_train} for training and "
+            f"validation. Add subjects, or lower test_split.fraction / test_split.min_cases in the spec.")
+    return sorted(test)
 
 
 class LabelRegistry:

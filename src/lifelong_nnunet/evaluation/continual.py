@@ -6,7 +6,7 @@ never NaN, so summaries can go straight to JSON.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -15,9 +15,10 @@ import pandas as pd
 def result_matrix(results: pd.DataFrame, tasks: list[str], metric: str = "dice") -> pd.DataFrame:
     """R[stage][task]: mean over the task's test cases of each case's mean over its foreground labels.
 
-    Averaging per case first weighs every case equally whatever its number of labels. The index runs over
-    every stage 0..S (a stage or task without results is a NaN cell, not a missing row) so that row i of
-    ``R.to_numpy()`` is stage i, as ``continual_metrics`` expects.
+    Averaging per case first weighs every case equally whatever its number of labels. NaN scores (HD95 of a
+    label present on one side only) are left out of both means; ``undefined_counts`` says how many. The index
+    runs over every stage 0..S (a stage or task without results is a NaN cell, not a missing row) so that row i
+    of ``R.to_numpy()`` is stage i, as ``continual_metrics`` expects.
     """
     rows = results[results["metric"] == metric]
     per_case = rows.groupby(["stage", "eval_task", "case"])["value"].mean()
@@ -38,7 +39,7 @@ def stage_labels(results: pd.DataFrame) -> list[str]:
     ]
 
 
-def continual_metrics(R: np.ndarray) -> dict:
+def continual_metrics(R: np.ndarray, higher_is_better: bool = True) -> dict:
     """Continual metrics of a sequential schedule; R has shape (T+1, T), row 0 before training.
 
     With a(i, j) = R[i][j-1] (stage i, task j, both 1-based as in the papers):
@@ -48,6 +49,11 @@ def continual_metrics(R: np.ndarray) -> dict:
     learned): Chaudhry et al. take all stages 1..T-1, but before stage j the task was never trained, so those
     stages only matter when transfer beat learning, which would count as forgetting something never learned.
 
+    For a lower-is-better metric (HD95) the differences are taken on -R: forgetting_j = a(T, j) -
+    min_{j<=i<T} a(i, j), bwt = mean a(j, j) - a(T, j), fwt = mean a(0, j) - a(j-1, j). So for every metric a
+    positive forgetting means "got worse" and a negative BWT/FWT means "worse than the reference score";
+    final_average, plasticity and final_per_task stay plain means of R, in the metric's own unit.
+
     Aggregates are None when any of their terms is undefined (NaN cell), rather than a mean over the
     remaining tasks that would silently change the definition; bwt, fwt and forgetting are None when T == 1.
     """
@@ -55,36 +61,43 @@ def continual_metrics(R: np.ndarray) -> dict:
     if R.ndim != 2 or R.shape[0] != R.shape[1] + 1 or R.shape[1] < 1:
         raise ValueError(f"result matrix must have shape (T+1, T) with T >= 1, got {R.shape}")
     T = R.shape[1]
+    oriented = R if higher_is_better else -R  # "better" is "larger" in oriented, whatever the metric
 
     def a(i: int, j: int) -> float:
         return R[i, j - 1]
 
+    def o(i: int, j: int) -> float:
+        return oriented[i, j - 1]
+
     forgetting = (
-        [_num(np.max([a(i, j) for i in range(j, T)]) - a(T, j)) for j in range(1, T)] if T > 1 else None
+        [_num(np.max([o(i, j) for i in range(j, T)]) - o(T, j)) for j in range(1, T)] if T > 1 else None
     )
     return {
         "n_tasks": T,
         "final_per_task": [_num(a(T, j)) for j in range(1, T + 1)],
         "final_average": _mean(a(T, j) for j in range(1, T + 1)),
         "plasticity": _mean(a(j, j) for j in range(1, T + 1)),
-        "bwt": _mean(a(T, j) - a(j, j) for j in range(1, T)) if T > 1 else None,
-        "fwt": _mean(a(j - 1, j) - a(0, j) for j in range(2, T + 1)) if T > 1 else None,
+        "bwt": _mean(o(T, j) - o(j, j) for j in range(1, T)) if T > 1 else None,
+        "fwt": _mean(o(j - 1, j) - o(0, j) for j in range(2, T + 1)) if T > 1 else None,
         "forgetting": forgetting,
         "mean_forgetting": _mean(math.nan if f is None else f for f in forgetting) if forgetting else None,
     }
 
 
 def reference_gaps(
-    R_final: dict[str, float], separate: dict[str, float] | None, joint_final_average: float | None
+    R_final: dict[str, float], separate: dict[str, float] | None, joint_final_average: float | None,
+    higher_is_better: bool = True,
 ) -> dict:
     """Distance of the final model to its references: per task vs. the model trained on that task alone
     (``separate``), and the final average vs. ``joint`` training on all tasks at once (the upper bound).
 
-    Negative gaps mean the continual model is worse than the reference. None where a reference (or the
-    task's final score) is missing; the mean gap is None unless every task has one.
+    Negative gaps mean the continual model is worse than the reference, for every metric: with a
+    lower-is-better metric (HD95) the gap is reference minus run. None where a reference (or the task's
+    final score) is missing; the mean gap is None unless every task has one.
     """
+    sign = 1.0 if higher_is_better else -1.0
     per_task = {
-        task: _num(_f(value) - _f(separate.get(task))) if separate is not None else None
+        task: _num(sign * (_f(value) - _f(separate.get(task)))) if separate is not None else None
         for task, value in R_final.items()
     }
     final_average = _mean(_f(v) for v in R_final.values())
@@ -93,11 +106,22 @@ def reference_gaps(
         "mean_vs_separate": _mean(math.nan if g is None else g for g in per_task.values()),
         "final_average": final_average,
         "vs_joint": (
-            _num(final_average - joint_final_average)
+            _num(sign * (final_average - joint_final_average))
             if final_average is not None and _num(joint_final_average) is not None
             else None
         ),
     }
+
+
+def undefined_counts(results: pd.DataFrame, tasks: list[str], metric: str) -> pd.DataFrame:
+    """U[stage][task]: how many (case, label) scores of ``metric`` are NaN (HD95 when only one side of a
+    label is empty). ``result_matrix`` leaves them out of its means, so a report must say how many."""
+    rows = results[results["metric"] == metric]
+    n_stages = int(results["stage"].max()) + 1 if len(results) else 0
+    counts = rows["value"].isna().groupby([rows["stage"], rows["eval_task"]]).sum().unstack("eval_task")
+    U = counts.reindex(index=range(n_stages), columns=list(tasks)).fillna(0).astype(int)
+    U.index.name, U.columns.name = "stage", None
+    return U
 
 
 def _f(value: float | None) -> float:

@@ -9,10 +9,10 @@ import functools
 import math
 import os
 
-import numpy as np
-import pandas as pd
 import matplotlib
 import matplotlib.style
+import numpy as np
+import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
@@ -31,27 +31,38 @@ def _default_style(plot):
 
 @_default_style
 def plot_result_matrix(
-    R: pd.DataFrame, path: str | os.PathLike, title: str, row_labels: list[str] | None = None
+    R: pd.DataFrame,
+    path: str | os.PathLike,
+    title: str,
+    row_labels: list[str] | None = None,
+    value_label: str = "mean foreground Dice",
+    vmax: float | None = 1.0,
+    higher_is_better: bool = True,
 ) -> None:
-    """Heatmap of R (rows = stages, columns = tasks) on a fixed 0..1 scale so runs compare by eye;
-    each cell shows its value, NaN (not evaluated) cells are grey."""
+    """Heatmap of R (rows = stages, columns = tasks); each cell shows its value, NaN (not evaluated) cells are
+    grey. The scale is fixed to 0..``vmax`` so runs compare by eye (``vmax=None``: the largest value, for a
+    metric in mm); for a lower-is-better metric the colour map is reversed, so bright always means good."""
     values = R.to_numpy(dtype=float)
     labels = row_labels if row_labels is not None else _default_row_labels(R)
     n_rows, n_cols = values.shape
+    if vmax is None:
+        vmax = float(np.nanmax(values)) if np.isfinite(values).any() and np.nanmax(values) > 0 else 1.0
     fig = _figure(max(4.0, 1.3 * n_cols + 3.0), max(2.5, 0.5 * n_rows + 1.5))
     ax = fig.add_subplot()
-    cmap: Colormap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    cmap: Colormap = matplotlib.colormaps["viridis" if higher_is_better else "viridis_r"]
+    cmap = cmap.with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto")
     for i in range(n_rows):
         for j in range(n_cols):
             v = values[i, j]
-            text, color = ("—", "black") if math.isnan(v) else (f"{v:.3f}", "black" if v > 0.6 else "white")
+            bright = (v / vmax > 0.6) if higher_is_better else (v / vmax < 0.4)  # viridis is bright at its top
+            text, color = ("—", "black") if math.isnan(v) else (f"{v:.3f}", "black" if bright else "white")
             ax.text(j, i, text, ha="center", va="center", color=color, fontsize=9)
     ax.set_xticks(range(n_cols), [str(c) for c in R.columns], rotation=30, ha="right")
     ax.set_yticks(range(n_rows), labels)
     ax.set_xlabel("evaluated task")
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="mean foreground Dice")
+    fig.colorbar(image, ax=ax, label=value_label)
     _save(fig, path)
 
 
@@ -62,9 +73,12 @@ def plot_task_curves(
     row_labels: list[str] | None = None,
     trained_stage: dict[str, int] | None = None,
     title: str = "Dice per task over the training sequence",
+    ylabel: str = "mean foreground Dice",
+    ylim: tuple[float, float] | None = (0.0, 1.02),
 ) -> None:
     """One line per task across stages; a dotted vertical line in the task's colour marks the stage that
-    trained it, so rises (learning) and later drops (forgetting) read directly."""
+    trained it, so rises (learning) and later drops (forgetting) read directly. ``ylim=None`` scales the axis
+    to the data (a metric in mm)."""
     labels = row_labels if row_labels is not None else _default_row_labels(R)
     x = np.arange(len(R.index))
     fig = _figure(max(5.0, 1.1 * len(x) + 2.0), 3.8)
@@ -74,8 +88,11 @@ def plot_task_curves(
         if trained_stage and trained_stage.get(task) in R.index:
             ax.axvline(R.index.get_loc(trained_stage[task]), color=line.get_color(), linestyle=":", alpha=0.8)
     ax.set_xticks(x, labels, rotation=30, ha="right")
-    ax.set_ylim(0.0, 1.02)
-    ax.set_ylabel("mean foreground Dice")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    else:
+        ax.set_ylim(bottom=0.0)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")

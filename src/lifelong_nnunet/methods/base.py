@@ -14,6 +14,7 @@ import torch
 from ..errors import UserInputError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..labels import LabelSpace
     from ..nnunet.trainer import ContinualTrainer
 
 
@@ -43,6 +44,10 @@ class Method:
     params: ClassVar[dict[str, Any]] = {}
     #: True when the method keeps (some) earlier-task training data; all others must never write image data.
     keeps_old_data: ClassVar[bool] = False
+    #: Scenarios the method is defined for ("domain": same labels, new appearance; "class": new structures).
+    scenarios: ClassVar[tuple[str, ...]] = ("domain", "class")
+    #: The run's label space (set by the runner and by ``predict`` before any hook is called).
+    labels: "LabelSpace | None" = None
 
     def __init__(self, **overrides: Any) -> None:
         unknown = sorted(set(overrides) - set(self.params))
@@ -87,9 +92,24 @@ class Method:
 
     # ---- architecture (multi-head, frozen parts) ------------------------------------------------------------
     def adapt_network(self, network: torch.nn.Module, tasks_so_far: list[str]) -> torch.nn.Module:
-        """Extend or wrap nnU-Net's network (extra heads, frozen parts). Must be deterministic in its arguments:
-        it rebuilds the same architecture for evaluation and ``predict`` from the stored weights."""
+        """Extend or wrap nnU-Net's network (extra heads, frozen parts). Must be deterministic in its arguments (and
+        the method's state): it rebuilds the same architecture for evaluation and ``predict`` from stored weights.
+
+        Default: in the class scenario one output channel per structure known after ``tasks_so_far`` (the expanded
+        segmentation head: new structures get new channels, old channels are kept); otherwise unchanged."""
+        if self.labels is not None and self.labels.is_class_incremental:
+            from ..networks.output_head import resize_output
+            return resize_output(network, self.labels.num_outputs(tasks_so_far))
         return network
+
+    def training_label_map(self, task: str) -> list[int] | None:
+        """Lookup table applied to ``task``'s training targets (``table[local value]``), or None for none.
+
+        Default: in the class scenario the task's local values become global label IDs, the channels of the
+        expanded head; a method whose network predicts task-local classes (one decoder per task) returns None."""
+        if self.labels is not None and self.labels.is_class_incremental:
+            return self.labels.lut(task)
+        return None
 
     def network_for_task(self, network: torch.nn.Module, task: str | None) -> torch.nn.Module:
         """The module that segments ``task`` (e.g. with that task's head). ``None``: the method chooses."""

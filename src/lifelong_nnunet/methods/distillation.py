@@ -179,6 +179,12 @@ class DistillationMethod(Method):
         self.release()
         if stage.index > 1 and stage.init == "previous":
             self.teacher = snapshot_teacher(trainer.network).to(trainer.device)
+            if self.labels is not None and self.labels.is_class_incremental:
+                # the runner has already grown the output layer for this stage's new structures: the teacher is the
+                # previous model, so it keeps only the channels it was trained with (old channels are bitwise kept)
+                from ..networks.output_head import resize_output
+                self.teacher = resize_output(self.teacher, self.labels.num_outputs(trainer.tasks_before))
+                self.teacher.eval().requires_grad_(False)
 
     def after_stage(self, trainer, stage: Stage) -> None:
         self.release()

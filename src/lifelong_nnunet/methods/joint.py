@@ -8,6 +8,8 @@ from .base import Method, Stage
 class Joint(Method):
     name = "joint"
     keeps_old_data = True
+    # all tasks' data at once: with partial labels, one task's structures would be background in the others' images
+    scenarios = ("domain",)
 
     def schedule(self, tasks: list[str]) -> list[Stage]:
         return [Stage(1, tuple(tasks), "initial", budget=float(len(tasks)))]

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .distillation import DistillationMethod, as_list, weighted_over_outputs
+from .distillation import DistillationMethod, as_list, unwrap, weighted_over_outputs
 
 
 def _merge_background(log_probs: torch.Tensor, merged: Sequence[int], background: int) -> torch.Tensor:
@@ -63,10 +63,32 @@ def unbiased_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, old_
     return (log_p.exp() * (log_p - log_q)).sum(1).mean()
 
 
+def init_new_from_background(network: torch.nn.Module, n_old: int, background: int = 0) -> None:
+    """MiB's initialisation of the channels ``n_old..`` of every segmentation layer of ``network`` (in place)."""
+    with torch.no_grad():
+        for conv in network.decoder.seg_layers:
+            n_new = conv.out_channels - n_old
+            if n_new <= 0:
+                continue
+            conv.weight[n_old:] = conv.weight[background]
+            shift = torch.log(torch.tensor(float(n_new + 1)))
+            conv.bias[n_old:] = conv.bias[background] - shift
+            conv.bias[background] -= shift
+
+
 class MiB(DistillationMethod):
     name = "mib"
     #: lambda: weight of the unbiased KD term, 10 as in Cermelli et al. 2020 (Sec. 5, implementation details).
-    params: ClassVar[dict[str, Any]] = {"lambda": 10.0}
+    #: init_new: "background" initialises new classes' output channels from the background channel (Cermelli et al.
+    #: 2020, Sec. 3.4): w_c = w_b, b_c = b_b - log(|N| + 1), and b_b gets the same shift, so at the start of the
+    #: stage the new classes share the old background probability equally and the model's old predictions are
+    #: unchanged; "random" keeps nnU-Net's He initialisation of the grown channels.
+    params: ClassVar[dict[str, Any]] = {"lambda": 10.0, "init_new": "background"}
+
+    def before_stage(self, trainer, stage) -> None:
+        super().before_stage(trainer, stage)
+        if self.teacher is not None and self.config["init_new"] == "background":
+            init_new_from_background(unwrap(trainer.network), self.teacher.decoder.seg_layers[0].out_channels)
 
     def distill(self, trainer, data, target, output, teacher_output):
         student = as_list(output)

@@ -23,6 +23,7 @@ from .base import Method, Stage
 
 class MultiHead(Method):
     name = "multihead"
+    scenarios = ("domain",)  # one head per domain; for new structures use frozen_encoder_decoders
     params = {"split": "seg_layers"}
 
     def __init__(self, **overrides) -> None:

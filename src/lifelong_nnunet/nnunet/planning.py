@@ -1,9 +1,12 @@
-"""Shared planning: nnU-Net plans the first task once, and every task is preprocessed with those plans.
+"""Shared planning: nnU-Net plans one task once (the first, or the experiment's ``plan_with``), and every task is
+preprocessed with those plans.
 
 One architecture (patch size, network topology, normalisation scheme) then serves the whole sequence. Planning sees
 only the training cases: the run's workspace holds an nnU-Net raw view with links to the non-test cases, so test
 images never influence the fingerprint. Workspaces live in a cache outside the run folder (preprocessed arrays are
-image data; see docs) and are keyed by their inputs, so runs on the same tasks and splits reuse them.
+image data; see docs) and are keyed by their inputs: the *set* of tasks with their training cases, the planning
+task and the configuration. The order of the tasks is not part of the key, so every ordering of one sweep (with
+the same ``plan_with``) reuses one planning, and runs on the same tasks and splits reuse it too.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..errors import UserInputError
+from ..experiment import task_id_of
 from ..io_utils import write_json
 from ..tasks import Task
 from .env import nnunet_env
@@ -24,18 +29,35 @@ from .env import nnunet_env
 PLANS_NAME = "nnUNetPlans"
 
 
-def workspace_key(tasks: list[Task], configuration: str) -> str:
-    """A hash of what planning depends on: task folders, their training cases and the configuration."""
-    blob = json.dumps({"config": configuration, "plan_source": tasks[0].name,
-                       "tasks": [[str(t.folder), t.train_cases] for t in tasks]}, sort_keys=True)
+def workspace_key(tasks: list[Task], configuration: str, plan_task: Task | None = None) -> str:
+    """A hash of what planning depends on: the set of task folders with their training cases, the task planned on
+    (default: the first) and the configuration. Sorted, so that every ordering of the same tasks shares one key."""
+    plan_task = plan_task or tasks[0]
+    blob = json.dumps({"config": configuration, "plan_source": plan_task.name,
+                       "tasks": sorted([str(t.folder), t.train_cases] for t in tasks)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-class Workspace:
-    """nnU-Net raw/preprocessed folders for one (tasks, splits, configuration) combination."""
+def find_plan_task(tasks: list[Task], plan_with: str | int | None) -> Task:
+    """The task nnU-Net plans on: ``plan_with`` (a folder, dataset name or ID, matched by dataset ID), else the
+    first task."""
+    if plan_with is None:
+        return tasks[0]
+    wanted = task_id_of(plan_with)
+    for t in tasks:
+        if wanted in (t.dataset_id, str(t.folder), t.name):
+            return t
+    raise UserInputError(f"plan_with '{plan_with}' is not one of the tasks ({', '.join(t.name for t in tasks)}). "
+                         f"Name one of them (folder, dataset name or ID), or leave plan_with out to plan with the "
+                         f"first task.")
 
-    def __init__(self, root: Path, tasks: list[Task], configuration: str) -> None:
-        self.root = Path(root) / workspace_key(tasks, configuration)
+
+class Workspace:
+    """nnU-Net raw/preprocessed folders for one (set of tasks, splits, planning task, configuration) combination."""
+
+    def __init__(self, root: Path, tasks: list[Task], configuration: str, plan_with: str | int | None = None) -> None:
+        self.plan_task = find_plan_task(tasks, plan_with)
+        self.root = Path(root) / workspace_key(tasks, configuration, self.plan_task)
         self.tasks = tasks
         self.configuration = configuration
         self.raw = self.root / "nnUNet_raw"
@@ -71,8 +93,10 @@ class Workspace:
         self._link_training_cases(tmp / "nnUNet_raw")
         # In a child process: nnU-Net's planning starts worker processes (which need a __main__ guard in the
         # caller's script) and leaves process state behind that changed the float bits of the next training.
+        # the planning task first (its plans are moved to the others), the others in a fixed order
+        others = sorted((t for t in self.tasks if t is not self.plan_task), key=lambda t: t.name)
         args = json.dumps({"root": str(tmp), "configuration": self.configuration,
-                           "tasks": [[t.name, t.dataset_id] for t in self.tasks]})
+                           "tasks": [[t.name, t.dataset_id] for t in [self.plan_task, *others]]})
         child = subprocess.Popen([sys.executable, "-m", __name__, args], stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
         output = []
@@ -83,7 +107,8 @@ class Workspace:
         if child.wait() != 0:
             raise RuntimeError("nnU-Net planning/preprocessing failed:\n" + "".join(output[-40:]))
         os.replace(tmp, self.root)
-        write_json(self.done_marker, {"tasks": [t.name for t in self.tasks], "configuration": self.configuration})
+        write_json(self.done_marker, {"tasks": sorted(t.name for t in self.tasks), "plan_with": self.plan_task.name,
+                                      "configuration": self.configuration})
 
     def _link_training_cases(self, raw: Path) -> None:
         for t in self.tasks:

@@ -12,6 +12,7 @@ What it changes and why:
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -95,6 +96,9 @@ class ContinualTrainer(nnUNetTrainer):
         self.seed = seed
         self.on_epoch = on_epoch
         self.save_every = 1
+        # class scenario: per task, local label value -> training target (global ID); see `map_targets`
+        self.target_luts = {s.task: torch.tensor(lut) for s in sources
+                            if (lut := method.training_label_map(s.task)) is not None}
         if batch_size is not None:
             self.configuration_manager.configuration["batch_size"] = batch_size
 
@@ -134,7 +138,36 @@ class ContinualTrainer(nnUNetTrainer):
         for _ in range(n):
             yield next(self.dataloader_train)
 
+    def map_targets(self, batch: dict) -> dict:
+        """Targets of each sample through its task's lookup table (identifiers are ``task/case``), so a batch of one
+        task's local labels trains the channels of their global IDs. Negative values (nnU-Net's padding) stay."""
+        if not getattr(self, "target_luts", None):
+            return batch
+        tasks = [k.split("/", 1)[0] for k in batch["keys"]]
+        width = max(len(t) for t in self.target_luts.values())
+        table = torch.stack([torch.nn.functional.pad(self.target_luts[t], (0, width - len(self.target_luts[t])))
+                             if t in self.target_luts else torch.arange(width) for t in tasks])
+
+        def apply(target: torch.Tensor) -> torch.Tensor:
+            values = target.long()
+            index = values.clamp(0, width - 1).reshape(len(tasks), -1)
+            mapped = torch.gather(table, 1, index).reshape(values.shape)
+            return torch.where(values < 0, values, mapped).to(target.dtype)
+
+        target = batch["target"]
+        return {**batch, "target": [apply(t) for t in target] if isinstance(target, list) else apply(target)}
+
+    def validation_step(self, batch: dict) -> dict:
+        return super().validation_step(self.map_targets(batch))
+
+    def validation_batches(self, n: int) -> list[dict]:
+        """``n`` (un-augmented) validation batches of this stage's sources, targets mapped like in training."""
+        if self.dataloader_val is None or not hasattr(self.dataloader_val, "data_loader"):
+            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        return [self.map_targets(next(self.dataloader_val)) for _ in range(n)]
+
     def train_step(self, batch: dict) -> dict:
+        batch = self.map_targets(batch)
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
@@ -161,6 +194,13 @@ class ContinualTrainer(nnUNetTrainer):
         out = {"loss": loss.detach().cpu().numpy(), "task_loss": task_loss.detach().cpu().numpy()}
         out.update({k: v.detach().cpu().numpy() for k, v in extra.items()})
         return out
+
+    def on_validation_epoch_end(self, val_outputs):
+        # a class no validation patch contains and none is predicted as gives 0/0: nnU-Net then records NaN (its
+        # nanmean ignores it); the division warning is noise in the class scenario
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return super().on_validation_epoch_end(val_outputs)
 
     def on_epoch_end(self):
         epoch = self.current_epoch

@@ -1,0 +1,148 @@
+"""Decoder compression: distil a trained full-size decoder (the teacher) into the smallest adequate student.
+
+A small architecture search over candidate widths and depths (`CompactDecoder`) under a parameter budget: candidates
+are tried from the smallest up; each is trained by knowledge distillation on the frozen encoder's features (softened
+logits of the teacher, optionally its decoder features, plus nnU-Net's own task loss) and accepted when its Dice on
+the task's validation patches is within ``tolerance`` of the teacher's. If none is, the best candidate is kept and
+the record says so. Everything here runs on the trainer's data loaders, seeded, so a rerun picks the same student.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..networks.encoder_decoders import CompactDecoder, parameter_count
+from .distillation import as_list, softened_kl, weighted_over_outputs
+
+
+@dataclass
+class Candidate:
+    width: float
+    n_conv: int
+    parameters: int
+    dice: float | None = None
+    accepted: bool = False
+
+
+def patch_dice(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per foreground class: (2 TP, 2 TP + FP + FN) of the argmax over a batch, to be summed over batches."""
+    pred = logits.argmax(1)
+    target = target[:, 0] if target.ndim == logits.ndim else target
+    num, den = np.zeros(num_classes - 1), np.zeros(num_classes - 1)
+    for c in range(1, num_classes):
+        p, t = pred == c, target == c
+        tp = int((p & t).sum())
+        num[c - 1] = 2 * tp
+        den[c - 1] = int(p.sum()) + int(t.sum())
+    return num, den
+
+
+def mean_dice(num: np.ndarray, den: np.ndarray) -> float:
+    """Mean over the classes present in the prediction or the target (nnU-Net's pseudo-Dice convention)."""
+    present = den > 0
+    return float((num[present] / den[present]).mean()) if present.any() else float("nan")
+
+
+def evaluate_decoder(encoder: nn.Module, decoder: nn.Module, batches: Sequence[dict], num_classes: int,
+                     device: torch.device) -> float:
+    """Pseudo-Dice of ``decoder`` on fixed validation patches (highest-resolution output)."""
+    num, den = np.zeros(num_classes - 1), np.zeros(num_classes - 1)
+    decoder.eval()
+    with torch.no_grad():
+        for batch in batches:
+            out = as_list(decoder(encoder(batch["data"].to(device))))[0]
+            target = as_list(batch["target"])[0].to(device)
+            n, d = patch_dice(out, target, num_classes)
+            num, den = num + n, den + d
+    return mean_dice(num, den)
+
+
+def distil_decoder(encoder: nn.Module, teacher: nn.Module, student: nn.Module, batches: Callable[[], dict],
+                   task_loss: Callable, iterations: int, lr: float, temperature: float, kd_weight: float,
+                   device: torch.device) -> list[float]:
+    """Train ``student`` on the frozen encoder's features: nnU-Net's task loss + kd_weight * T^2 * KL(teacher_T ||
+    student_T) summed over the deep-supervision outputs with nnU-Net's weights. SGD with nnU-Net's settings
+    (Nesterov momentum 0.99, weight decay 3e-5, poly learning rate, gradient clipping at 12). Returns the losses."""
+    optimizer = torch.optim.SGD(student.parameters(), lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    teacher.eval()
+    student.train()
+    losses = []
+    for step in range(iterations):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (1 - step / iterations) ** 0.9
+        batch = batches()
+        data = batch["data"].to(device)
+        target = [t.to(device) for t in batch["target"]] if isinstance(batch["target"], list) \
+            else batch["target"].to(device)
+        with torch.no_grad():
+            skips = encoder(data)
+            teacher_out = as_list(teacher(skips))
+        student_out = student(skips)
+        loss = task_loss(student_out, target)
+        if kd_weight > 0:
+            kd = weighted_over_outputs(lambda s, t, k: softened_kl(s, t, temperature), as_list(student_out),
+                                       teacher_out)
+            loss = loss + kd_weight * temperature ** 2 * kd
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 12)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def candidates(encoder: nn.Module, num_classes: int, widths: Sequence[float], convs: Sequence[int],
+               max_parameters: float) -> list[Candidate]:
+    """Every (width, convolutions per stage) pair whose decoder fits ``max_parameters``, smallest first."""
+    found = []
+    for w in widths:
+        for n in convs:
+            size = parameter_count(CompactDecoder(encoder, num_classes, w, n, deep_supervision=False))
+            if size <= max_parameters:
+                found.append(Candidate(float(w), int(n), size))
+    return sorted(found, key=lambda c: (c.parameters, c.width, c.n_conv))
+
+
+def search_student(encoder: nn.Module, teacher: nn.Module, num_classes: int, val_batches: Sequence[dict],
+                   train_batches: Callable[[], dict], task_loss: Callable, *, widths: Sequence[float],
+                   convs: Sequence[int], max_parameters: float, tolerance: float, iterations: int, lr: float,
+                   temperature: float, kd_weight: float, deep_supervision: bool, device: torch.device,
+                   seed: Callable[[int], None], log: Callable[[str], None] = lambda s: None):
+    """The smallest candidate within ``tolerance`` Dice of the teacher (else the best one). Returns (student,
+    teacher Dice, list of candidate records as dicts); ``None`` as student when no candidate fits the budget."""
+    teacher_dice = evaluate_decoder(encoder, teacher, val_batches, num_classes, device)
+    tried, best = [], None
+    for i, cand in enumerate(candidates(encoder, num_classes, widths, convs, max_parameters)):
+        seed(i)
+        student = CompactDecoder(encoder, num_classes, cand.width, cand.n_conv, deep_supervision).to(device)
+        distil_decoder(encoder, teacher, student, train_batches, task_loss, iterations, lr, temperature, kd_weight,
+                       device)
+        cand.dice = evaluate_decoder(encoder, student, val_batches, num_classes, device)
+        cand.accepted = bool(np.isnan(teacher_dice) or cand.dice >= teacher_dice - tolerance)
+        tried.append(cand)
+        log(f"student width {cand.width:g} x{cand.n_conv} conv: {cand.parameters} parameters, Dice {cand.dice:.3f} "
+            f"(teacher {teacher_dice:.3f})" + (" accepted" if cand.accepted else ""))
+        if best is None or cand.dice > best[1].dice:
+            best = (student, cand)
+        if cand.accepted:
+            return student, teacher_dice, [asdict(c) for c in tried]
+    if best is None:
+        return None, teacher_dice, []
+    return best[0], teacher_dice, [asdict(c) for c in tried]
+
+
+def validation_logits(encoder: nn.Module, decoder: nn.Module, batches: Sequence[dict],
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's highest-resolution logits and the targets on fixed validation patches (for calibration)."""
+    logits, targets = [], []
+    decoder.eval()
+    with torch.no_grad():
+        for batch in batches:
+            logits.append(as_list(decoder(encoder(batch["data"].to(device))))[0].float().cpu())
+            target = as_list(batch["target"])[0]
+            targets.append((target[:, 0] if target.ndim == logits[-1].ndim else target).long())
+    return torch.cat(logits), torch.cat(targets)

@@ -1,0 +1,170 @@
+"""Frozen encoder + one compressed decoder per task, merged by calibrated confidence (class-incremental).
+
+Stage 1 trains a normal nnU-Net on task 1. From stage 2 on the encoder is frozen and a new full-size decoder (built
+from the same plans, its body copied from decoder 1, new segmentation layers) learns task k's structures plus
+background; then it is distilled into the smallest student decoder within a Dice tolerance (`methods.compression`)
+and calibrated by temperature scaling on the task's validation patches. Earlier decoders never change, so nothing
+learned is forgotten; predictions of all decoders are merged by `networks.merge`. See
+docs/methods/frozen_encoder_decoders.md.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import UserInputError
+from ..io_utils import write_json
+from ..networks.encoder_decoders import (
+    CompactDecoder,
+    EncoderDecoders,
+    TaskDecoder,
+    decoder_flops,
+    encoder_flops,
+    fresh_segmentation_layers,
+    parameter_count,
+    without_encoder,
+)
+from ..networks.merge import fit_temperature
+from ..networks.multihead import unwrap
+from ..networks.output_head import resize_output
+from .base import Method, Stage
+from .compression import search_student, validation_logits
+
+
+class FrozenEncoderDecoders(Method):
+    name = "frozen_encoder_decoders"
+    scenarios = ("class",)
+    params: ClassVar[dict[str, Any]] = {
+        "compress": True,  # distil each new decoder (stage 2 on) into a smaller student
+        "widths": [0.25, 0.5],  # candidate student widths, as fractions of the encoder's features per stage
+        "convs": [1, 2],  # candidate convolutions per decoder stage
+        "size_budget": 0.25,  # a student may have at most this fraction of one nnU-Net's parameters
+        "dice_tolerance": 0.01,  # accept the smallest student within this Dice of its teacher (validation patches)
+        "student_budget": 0.5,  # student training iterations, as a fraction of the stage's
+        "kd_temperature": 2.0,
+        "kd_weight": 1.0,
+        "min_confidence": 0.5,  # merge: a decoder claims a voxel only with at least this calibrated probability
+        "calibrate": True,  # fit a temperature per decoder on its task's validation patches
+        "val_batches": 10,  # validation patches (batches) for the student choice and the calibration
+    }
+
+    def __init__(self, **overrides) -> None:
+        super().__init__(**overrides)
+        if not 0 < float(self.config["size_budget"]) <= 1:
+            raise UserInputError(f"method '{self.name}': size_budget must be in (0, 1], not "
+                                 f"{self.config['size_budget']!r}. Fix method_params in the spec.")
+        self.arch: dict[str, dict] = {}  # task -> {"width", "n_conv"} of its compressed decoder
+        self.records: dict[str, dict] = {}  # task -> parameters, FLOPs, Dice, temperature of its decoder
+
+    # ---- architecture ---------------------------------------------------------------------------------------
+    def _num_local(self, task: str) -> int:
+        return len(self.labels.lut(task))
+
+    def adapt_network(self, network: torch.nn.Module, tasks_so_far: list[str]) -> torch.nn.Module:
+        """Stage 0: nnU-Net's network sized for task 1. Otherwise an `EncoderDecoders` with one decoder per task:
+        task 1's is nnU-Net's own decoder, later ones are full-size (while they train) or the recorded student."""
+        tasks = list(dict.fromkeys(tasks_so_far))
+        network = unwrap(network)
+        n_global = self.labels.num_outputs(tasks)
+        if isinstance(network, EncoderDecoders):
+            if network.tasks == tasks:
+                return network
+            if network.tasks != tasks[:len(network.tasks)]:
+                raise ValueError(f"decoders {network.tasks} are not a prefix of the tasks {tasks}")
+            new = network.extended(n_global)
+            for task in tasks[len(network.tasks):]:
+                new.add(task, self._new_decoder(new, task))
+            return new
+        first = self.labels.tasks[0] if not tasks else tasks[0]
+        base = resize_output(network, self._num_local(first))
+        if not tasks:
+            return base
+        net = EncoderDecoders(base.encoder, n_global, float(self.config["min_confidence"]))
+        net.add(first, TaskDecoder(without_encoder(base.decoder), self.labels.lut(first)))
+        for task in tasks[1:]:
+            net.add(task, self._new_decoder(net, task))
+        return net
+
+    def _new_decoder(self, net: EncoderDecoders, task: str) -> TaskDecoder:
+        first = net.decoder(net.tasks[0]).decoder
+        deep_supervision = bool(getattr(first, "deep_supervision", False))
+        if task in self.arch:
+            a = self.arch[task]
+            decoder = CompactDecoder(net.encoder, self._num_local(task), a["width"], a["n_conv"], deep_supervision)
+        else:  # full size, body copied from decoder 1 (a trained starting point), new segmentation layers
+            decoder = fresh_segmentation_layers(first, self._num_local(task))
+        return TaskDecoder(decoder.to(next(net.encoder.parameters()).device), self.labels.lut(task))
+
+    def network_for_task(self, network: torch.nn.Module, task: str | None) -> torch.nn.Module:
+        """Every task is segmented by the merged model (one model for everything learned)."""
+        network = unwrap(network)
+        if isinstance(network, EncoderDecoders):
+            network.active = None
+        return network
+
+    def training_label_map(self, task: str) -> None:
+        return None  # each decoder learns its task's own (local) labels
+
+    # ---- training -------------------------------------------------------------------------------------------
+    def before_stage(self, trainer, stage: Stage) -> None:
+        net = unwrap(trainer.network)
+        if isinstance(net, EncoderDecoders):
+            task = stage.train_tasks[0]
+            net.active = task
+            net.freeze([t for t in net.tasks if t != task], freeze_encoder=len(net.tasks) > 1)
+
+    def after_stage(self, trainer, stage: Stage) -> None:
+        net = unwrap(trainer.network)
+        if not isinstance(net, EncoderDecoders):
+            return
+        task, device = stage.train_tasks[0], trainer.device
+        val = list(trainer.validation_batches(int(self.config["val_batches"])))
+        full = net.decoder(task)
+        record: dict[str, Any] = {"teacher_parameters": parameter_count(full.decoder)}
+        patch, n_in = trainer.configuration_manager.patch_size, trainer.num_input_channels
+        record["teacher_flops"] = decoder_flops(net.encoder, full.decoder, patch, n_in)
+        if stage.index > 1 and self.config["compress"]:
+            base = parameter_count(net.encoder) + parameter_count(net.decoder(net.tasks[0]).decoder)
+            from ..nnunet.trainer import seed_everything
+            train_batches = trainer.training_batches(10**9)
+            student, teacher_dice, tried = search_student(
+                net.encoder, full.decoder, self._num_local(task), val, lambda: next(train_batches), trainer.loss,
+                widths=self.config["widths"], convs=self.config["convs"],
+                max_parameters=float(self.config["size_budget"]) * base, tolerance=float(self.config["dice_tolerance"]),
+                iterations=max(1, round(float(self.config["student_budget"]) * trainer.num_epochs
+                                        * trainer.num_iterations_per_epoch)),
+                lr=trainer.initial_lr, temperature=float(self.config["kd_temperature"]),
+                kd_weight=float(self.config["kd_weight"]),
+                deep_supervision=bool(getattr(full.decoder, "deep_supervision", False)), device=device,
+                seed=lambda i: seed_everything(trainer.seed, stage.index, 1000 + i),
+                log=lambda s: trainer.print_to_log_file(s))
+            record.update(teacher_dice=teacher_dice, candidates=tried, base_parameters=base)
+            if student is not None:
+                self.arch[task] = {"width": student.width, "n_conv": student.n_conv}
+                replacement = TaskDecoder(student, full.class_map.tolist()).to(device)
+                net.replace(task, replacement)
+        decoder = net.decoder(task)
+        record.update(parameters=parameter_count(decoder.decoder),
+                      flops=decoder_flops(net.encoder, decoder.decoder, patch, n_in),
+                      encoder_parameters=parameter_count(net.encoder),
+                      encoder_flops=encoder_flops(net.encoder, patch, n_in), compressed=task in self.arch)
+        if self.config["calibrate"]:
+            logits, target = validation_logits(net.encoder, decoder.decoder, val, device)
+            decoder.temperature.fill_(fit_temperature(logits, target))
+        record["temperature"] = float(decoder.temperature)
+        decoder.requires_grad_(False)
+        net.active = None
+        self.records[task] = record
+        write_json(Path(trainer.stage_dir) / "decoder.json", {task: record})
+
+    # ---- resume ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"arch": json.loads(json.dumps(self.arch)), "records": json.loads(json.dumps(self.records))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.arch = {k: dict(v) for k, v in state.get("arch", {}).items()}
+            self.records = {k: dict(v) for k, v in state.get("records", {}).items()}

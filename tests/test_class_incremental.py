@@ -1,0 +1,221 @@
+"""Class-incremental scenario: label space, growing output layer, target mapping, the frozen-encoder/decoders method
+(mechanisms and an end-to-end run), and MiB's background initialisation."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+
+from lifelong_nnunet.datasets.synthetic_structures import build_synthetic_structures
+from lifelong_nnunet.errors import UserInputError
+from lifelong_nnunet.experiment import Experiment, Training
+from lifelong_nnunet.labels import LabelSpace
+from lifelong_nnunet.methods import create_method
+from lifelong_nnunet.methods.mib import init_new_from_background
+from lifelong_nnunet.networks.encoder_decoders import CompactDecoder, EncoderDecoders, parameter_count
+from lifelong_nnunet.networks.output_head import num_outputs, resize_output
+from lifelong_nnunet.nnunet.trainer import ContinualTrainer
+from lifelong_nnunet.tasks import Task
+
+
+def _task(name: str, labels: dict[str, int], dataset_id: int) -> Task:
+    djson = {"channel_names": {"0": "MRI"}, "labels": labels, "file_ending": ".nii.gz"}
+    return Task(Path(f"/nonexistent/{name}"), djson, {})
+
+
+@pytest.fixture
+def space() -> LabelSpace:
+    tasks = [_task("Dataset001_A", {"background": 0, "alpha": 1, "beta": 2}, 1),
+             _task("Dataset002_B", {"background": 0, "gamma": 1, "delta": 2}, 2),
+             _task("Dataset003_C", {"background": 0, "beta": 1, "epsilon": 2}, 3)]
+    return LabelSpace.from_tasks(tasks, "class")
+
+
+def _unet(num_classes: int = 3, deep_supervision: bool = True) -> PlainConvUNet:
+    torch.manual_seed(0)
+    return PlainConvUNet(1, 3, [4, 8, 16], torch.nn.Conv3d, 3, [1, 2, 2], 1, num_classes, 1, True,
+                         torch.nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU,
+                         {"inplace": True}, deep_supervision=deep_supervision)
+
+
+# ---- label space ----------------------------------------------------------------------------------------------
+def test_label_space_maps_reannotated_structures_by_name_and_lists_every_structure(space):
+    assert space.dataset_labels() == {"background": 0, "alpha": 1, "beta": 2, "gamma": 3, "delta": 4, "epsilon": 5}
+    assert space.lut("Dataset003_C") == [0, 2, 5]  # beta (local 1) is the known beta, global 2
+    assert space.introduced_by["beta"] == "Dataset001_A" and space.introduced_by["epsilon"] == "Dataset003_C"
+    assert space.num_outputs([]) == 3 and space.num_outputs(["Dataset001_A", "Dataset002_B"]) == 5
+    assert space.eval_labels("Dataset003_C") == {"beta": 2, "epsilon": 5}
+    assert LabelSpace.from_dict(space.to_dict()) == space
+
+
+# ---- expanded segmentation head -------------------------------------------------------------------------------
+def test_resize_output_keeps_old_channels_bitwise_and_shares_the_rest():
+    net = _unet(3)
+    grown = resize_output(net, 5)
+    assert grown is not net and num_outputs(grown) == 5 and num_outputs(net) == 3
+    for old, new in zip(net.decoder.seg_layers, grown.decoder.seg_layers):
+        assert torch.equal(new.weight[:3], old.weight) and torch.equal(new.bias[:3], old.bias)
+        assert not torch.equal(new.weight[3:], torch.zeros_like(new.weight[3:]))
+    assert grown.encoder is net.encoder and grown.decoder.stages is net.decoder.stages
+    assert resize_output(grown, 5) is grown
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(grown(x)[0][:, :3], net(x)[0])
+
+
+def test_mib_background_init_keeps_the_old_models_predictions():
+    """With w_new = w_bg and b shifted by log(N+1), p_old(bg) = p(bg) + sum p(new): old predictions unchanged."""
+    net = _unet(3, deep_supervision=False)
+    grown = resize_output(net, 5)
+    init_new_from_background(grown, n_old=3)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        p_old, p_new = net(x).softmax(1), grown(x).softmax(1)
+    assert torch.allclose(p_new[:, 0] + p_new[:, 3:].sum(1), p_old[:, 0], atol=1e-5)
+    assert torch.allclose(p_new[:, 1:3], p_old[:, 1:3], atol=1e-5)
+
+
+def test_distillation_teacher_keeps_only_the_previous_models_channels(space):
+    method = create_method("mib", {})
+    method.labels = space
+    grown = resize_output(_unet(3), 5)
+    trainer = SimpleNamespace(network=grown, device=torch.device("cpu"), tasks_before=["Dataset001_A"])
+    method.before_stage(trainer, SimpleNamespace(index=2, init="previous", train_tasks=("Dataset002_B",)))
+    assert num_outputs(method.teacher) == 3
+    teacher_seg, student_seg = method.teacher.decoder.seg_layers[0], grown.decoder.seg_layers[0]
+    assert torch.equal(teacher_seg.weight, student_seg.weight[:3])  # the previous model's channels, bitwise
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+    # the student's new channels start from the background channel (MiB's initialisation)
+    assert torch.equal(grown.decoder.seg_layers[0].weight[3], grown.decoder.seg_layers[0].weight[0])
+
+
+def test_targets_are_mapped_per_sample_through_their_tasks_table():
+    fake = SimpleNamespace(target_luts={"A": torch.tensor([0, 1, 2]), "C": torch.tensor([0, 2, 5])})
+    target = torch.tensor([[[[0, 1, 2, -1]]], [[[0, 1, 2, -1]]]], dtype=torch.float32)  # [B=2, 1, 1, 4]
+    batch = {"keys": ["A/case1", "C/case7"], "target": [target, target[..., :2]], "data": None}
+    out = ContinualTrainer.map_targets(fake, batch)
+    assert out["target"][0][0].flatten().tolist() == [0, 1, 2, -1]
+    assert out["target"][0][1].flatten().tolist() == [0, 2, 5, -1]  # padding (-1) stays
+    assert out["target"][1][1].flatten().tolist() == [0, 2]
+    assert out["target"][0].dtype == torch.float32
+
+
+# ---- the frozen-encoder / decoders network --------------------------------------------------------------------
+def test_compact_decoder_matches_nnunets_decoder_interface_and_is_smaller():
+    net = _unet(3)
+    skips = net.encoder(torch.randn(2, 1, 16, 16, 16))
+    full = UNetDecoder(net.encoder, 3, 1, deep_supervision=True)
+    small = CompactDecoder(net.encoder, 3, width=0.5, n_conv=1, deep_supervision=True)
+    assert [o.shape for o in small(skips)] == [o.shape for o in full(skips)]
+    small.deep_supervision = False
+    assert small(skips).shape == full(skips)[0].shape
+    assert parameter_count(small) < parameter_count(full)
+
+
+def test_encoder_runs_once_per_patch_and_every_decoder_contributes(space):
+    method = create_method("frozen_encoder_decoders", {})
+    method.labels = space
+    net = method.adapt_network(_unet(3, deep_supervision=False), ["Dataset001_A", "Dataset002_B", "Dataset003_C"])
+    assert isinstance(net, EncoderDecoders) and net.num_classes == 6
+    calls = []
+    net.encoder.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        out = net(torch.randn(1, 1, 16, 16, 16))
+    assert len(calls) == 1 and out.shape == (1, 6, 16, 16, 16)
+    net.active = "Dataset002_B"
+    with torch.no_grad():
+        assert net(torch.randn(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)  # the task's own classes
+
+
+def test_a_new_decoder_has_its_own_parameters_and_the_method_rejects_the_domain_scenario(space):
+    method = create_method("frozen_encoder_decoders", {})
+    method.labels = space
+    net = method.adapt_network(_unet(3), ["Dataset001_A"])
+    bigger = method.adapt_network(net, ["Dataset001_A", "Dataset002_B"])
+    assert bigger is not net and bigger.encoder is net.encoder
+    assert bigger.decoder("Dataset001_A") is net.decoder("Dataset001_A")
+    first = {id(p) for p in bigger.decoder("Dataset001_A").parameters()}
+    assert not first & {id(p) for p in bigger.decoder("Dataset002_B").parameters()}
+    assert "encoder" not in dict(bigger.decoder("Dataset001_A").decoder.named_children())
+    assert method.scenarios == ("class",)
+
+
+# ---- end to end -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def structure_tasks(tmp_path_factory) -> list[Path]:
+    return build_synthetic_structures(tmp_path_factory.mktemp("structures"), subjects=3, variants=2,
+                                      shape=(24, 24, 24))
+
+
+@pytest.fixture(scope="module")
+def class_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("class_cache")
+
+
+def _class_run(tasks, method, params, out, cache):
+    from lifelong_nnunet.runner import run_experiment
+    exp = Experiment(tasks=[str(t) for t in tasks], method=method, method_params=params, scenario="class",
+                     training=Training(epochs=1, iterations_per_epoch=3, val_iterations=1, batch_size=2),
+                     device="cpu", cache_dir=str(cache))
+    return run_experiment(exp, out, quiet=True)
+
+
+@pytest.mark.slow
+def test_frozen_encoder_decoders_end_to_end(structure_tasks, class_cache, tmp_path):
+    run = tmp_path / "fed"
+    _class_run(structure_tasks, "frozen_encoder_decoders",
+               {"widths": [0.25, 0.5], "convs": [1], "val_batches": 2, "student_budget": 1.0}, run, class_cache)
+    models = [torch.load(run / "stages" / f"stage_{i}" / "model.pt", weights_only=True) for i in (1, 2, 3)]
+    w = [m["network_weights"] for m in models]
+    # the encoder is bitwise unchanged after stage 1, and every decoder is unchanged by later stages
+    enc = [k for k in w[0] if k.startswith("encoder.")]
+    assert enc and all(torch.equal(w[0][k], w[i][k]) for i in (1, 2) for k in enc)
+    names = [p.name for p in structure_tasks]
+    for i, task in enumerate(names[:2]):
+        keys = [k for k in w[i] if k.startswith(f"decoders.{task}.")]
+        assert keys and all(torch.equal(w[i][k], w[2][k]) for k in keys)
+    # each added decoder was distilled into a smaller student within the size budget, with its records
+    for stage, task in ((2, names[1]), (3, names[2])):
+        rec = models[stage - 1]["method_state"]["records"][task]
+        assert rec["compressed"] and rec["parameters"] < rec["teacher_parameters"]
+        assert rec["parameters"] <= 0.25 * rec["base_parameters"] and rec["flops"] < rec["teacher_flops"]
+        assert rec["temperature"] > 0
+    # one model: the union label map, and predict writes every structure's ID with the input's geometry
+    import json
+    labels = json.loads((run / "dataset.json").read_text())["labels"]
+    assert labels == {"background": 0, "alpha": 1, "beta": 2, "gamma": 3, "delta": 4, "epsilon": 5}
+    from lifelong_nnunet.deploy import predict
+    case = sorted((structure_tasks[0] / "imagesTr").iterdir())[0]
+    out = predict(run, case.parent, tmp_path / "pred")
+    assert len(out) == len(list(case.parent.iterdir()))
+    pred, img = nib.load(out[0]), nib.load(case)
+    assert pred.shape == img.shape and np.allclose(pred.affine, img.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= set(labels.values())
+    results = (run / "results.csv").read_text()
+    assert "epsilon" in results and "alpha" in results
+
+
+@pytest.mark.slow
+def test_sequential_with_expanded_head_in_the_class_scenario(structure_tasks, class_cache, tmp_path):
+    run = tmp_path / "seq"
+    summary = _class_run(structure_tasks[:2], "sequential", {}, run, class_cache)
+    w1 = torch.load(run / "stages" / "stage_1" / "model.pt", weights_only=True)["network_weights"]
+    w2 = torch.load(run / "stages" / "stage_2" / "model.pt", weights_only=True)["network_weights"]
+    seg = "decoder.seg_layers.0.weight"
+    assert w1[seg].shape[0] == 3 and w2[seg].shape[0] == 5  # the head grew by task B's two structures
+    assert summary["scenario"] == "class" and len(summary["R"]) == 3  # stage 0 + two stages
+
+
+def test_domain_only_methods_are_refused_in_the_class_scenario(structure_tasks, tmp_path):
+    from lifelong_nnunet.runner import run_experiment
+    exp = Experiment(tasks=[str(t) for t in structure_tasks[:2]], method="joint", scenario="class",
+                     device="cpu", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(UserInputError, match="class scenario"):
+        run_experiment(exp, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
