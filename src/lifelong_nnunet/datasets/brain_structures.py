@@ -214,13 +214,13 @@ def output_affine(source_affine: np.ndarray, source_spacing: np.ndarray, box_lo_
 
 
 def brain_intensities(atlas_names: Sequence[str], regional_contrast: float) -> np.ndarray:
-    """Mean T1-like intensity per merged value; cortical parcels differ by up to +/- ``regional_contrast``."""
+    """Mean T1-like intensity per merged value: every structure differs from its tissue's T1 value by a fixed,
+    name-derived offset of up to +/- ``regional_contrast`` (identical in every task, seed and build), the way
+    label-map-driven synthesis (SynthSeg-like) gives each label its own intensity."""
     values = [T1_INTENSITY["outside"], T1_INTENSITY["white_matter"]]
     for name in atlas_names:
-        if name in T1_INTENSITY:
-            values.append(T1_INTENSITY[name])
-        else:  # a fixed, name-derived offset: identical in every task, seed and build
-            values.append(T1_INTENSITY["cortex"] + regional_contrast * ((stable_key(name) % 2001) / 1000 - 1))
+        offset = regional_contrast * ((stable_key(name) % 2001) / 1000 - 1)
+        values.append(T1_INTENSITY.get(name, T1_INTENSITY["cortex"]) + offset)
     return np.array(values)
 
 

@@ -34,8 +34,21 @@ def workspace_key(tasks: list[Task], configuration: str, plan_task: Task | None 
     (default: the first) and the configuration. Sorted, so that every ordering of the same tasks shares one key."""
     plan_task = plan_task or tasks[0]
     blob = json.dumps({"config": configuration, "plan_source": plan_task.name,
-                       "tasks": sorted([str(t.folder), t.train_cases] for t in tasks)}, sort_keys=True)
+                       "tasks": sorted([str(t.folder), t.train_cases, t.dataset_json, _fingerprint(t)] for t in tasks)},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _fingerprint(task: Task) -> list:
+    """Name, size and modification time of every training file: a dataset rebuilt under the same name (new images)
+    gets a new key instead of silently reusing the old preprocessed data."""
+    out = []
+    for cid in task.train_cases:
+        case = task.cases[cid]
+        for f in (*case.images, case.label):
+            st = Path(f).stat()
+            out.append([Path(f).name, st.st_size, st.st_mtime_ns])
+    return out
 
 
 def find_plan_task(tasks: list[Task], plan_with: str | int | None) -> Task:
