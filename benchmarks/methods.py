@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/methods.py [--out runs/methods] [--epochs 7] [--iterations 50] [--methods ...]
 
 Each method is an ordinary run folder `OUT/<method>` (resumable; a finished run is not recomputed). `sequential`
-and `joint` always run too, in the same conditions, since times are reported relative to `sequential`. Writes benchmarks/results/methods.{md,json}
+and `joint` always run too, in the same conditions, since times are reported relative to `sequential`.
+Writes benchmarks/results/methods.{md,json}
 with final average Dice, BWT, FWT, mean forgetting, the gap to `joint`, the forgetting cut relative to
 `sequential`, training time relative to `sequential` and peak memory.
 """

@@ -102,7 +102,8 @@ def build_synthetic_sites(root: Path, n_sites: int = 2, cases_per_site: int = 6,
         for case_index in range(cases_per_site):
             rng = np.random.default_rng([seed, site_index, case_index])
             label = synthetic_label_map(tuple(shape), rng)
-            cases.append((f"synthsite_{letter.lower()}_{case_index:03d}", synthetic_image(label, appearance, rng), label))
+            image = synthetic_image(label, appearance, rng)
+            cases.append((f"synthsite_{letter.lower()}_{case_index:03d}", image, label))
         background, a, b, noise_std, bias = appearance
         description = (f"Synthetic site {letter} (seed {seed}): background {background:.2f}, structure_a {a:.2f}, "
                        f"structure_b {b:.2f}, noise std {noise_std:.2f}, bias field strength {bias:.2f}.")
