@@ -66,8 +66,8 @@ def structure_dice(run: Path) -> pd.Series:
 
 
 def parameters(model: Path) -> int:
-    weights = torch.load(model, map_location="cpu", weights_only=True)["network_weights"]
-    return sum(v.numel() for v in weights.values() if v.is_floating_point() and v.ndim > 0)
+    from lifelong_nnunet.runner import stored_parameter_count
+    return stored_parameter_count(torch.load(model, map_location="cpu", weights_only=True)["network_weights"])
 
 
 def delivered_parameters(run: Path) -> int:
@@ -77,15 +77,32 @@ def delivered_parameters(run: Path) -> int:
     return sum(parameters(run / "stages" / f"stage_{i}" / "model.pt") for i in stages)
 
 
-def inference_times(fed_run: Path, separate_run: Path, cases: list[list[Path]], repeats: int) -> tuple[float, float]:
+def one_nnunet(fed_run: Path):
+    """The stage-1 model of the frozen-encoder run as the plain nnU-Net it is (encoder + decoder 1, nnU-Net's own
+    network class, no merge): the "one nnU-Net" the merged model is compared with."""
+    from lifelong_nnunet.networks.multihead import head_key
+    from lifelong_nnunet.networks.output_head import resize_output
+    from lifelong_nnunet.nnunet.trainer import build_network
+    plans, djson, exp = (read_json(fed_run / n) for n in ("plans.json", "dataset.json", "experiment.json"))
+    first = read_json(fed_run / "schedule.json")[0]["train_tasks"][0]
+    labels = read_json(fed_run / "labels.json")["task_labels"][first]
+    weights = torch.load(fed_run / "stages" / "stage_1" / "model.pt", weights_only=True)["network_weights"]
+    prefix = f"decoders.{head_key(first)}.decoder."
+    plain = resize_output(build_network(plans, exp["configuration"], djson), len(labels))
+    own = {k.replace(prefix, "decoder."): v for k, v in weights.items() if k.startswith(("encoder.", prefix))}
+    missing = set(plain.load_state_dict(own, strict=False).missing_keys)
+    assert all(k.startswith("decoder.encoder.") for k in missing), sorted(missing)[:3]  # the shared encoder
+    return plain, plans, {**djson, "labels": labels}, exp
+
+
+def inference_times(fed_run: Path, cases: list[list[Path]], repeats: int) -> tuple[float, float]:
     """Median seconds per case of the merged model and of one nnU-Net, alternated case by case."""
     from lifelong_nnunet.deploy import load_network, select_model
     from lifelong_nnunet.nnunet.predictor import Segmenter
     device = torch.device("cpu")
     segmenters = {}
-    for name, run, task in (("merged", fed_run, None), ("one", separate_run, read_json(
-            separate_run / "schedule.json")[0]["train_tasks"][0])):
-        net, plans, djson, exp = load_network(run, select_model(run, task), task)
+    for name, (net, plans, djson, exp) in (("merged", load_network(fed_run, select_model(fed_run), None)),
+                                            ("one", one_nnunet(fed_run))):
         segmenters[name] = Segmenter(net, plans, exp["configuration"], djson, device)
     times = {"merged": [], "one": []}
     for _ in range(repeats):
@@ -99,6 +116,7 @@ def inference_times(fed_run: Path, separate_run: Path, cases: list[list[Path]], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="brain-structures", choices=["brain-structures", "synthetic-structures"])
     parser.add_argument("--out", type=Path, default=Path("runs/class"))
     parser.add_argument("--data-root", type=Path, default=Path("data/raw"))
     parser.add_argument("--tasks", type=int, default=3, help="how many tasks of the brain sequence")
@@ -111,9 +129,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="class_incremental", help="results file name (without extension)")
     args = parser.parse_args()
-    folders = build("brain-structures", args.data_root, seed=args.seed, spacing_mm=args.spacing, first_id=61,
-                    regional_contrast=args.regional_contrast, tasks=dict(list(BENCHMARK_TASKS.items())[:args.tasks]))
+    if args.dataset == "brain-structures":
+        folders = build("brain-structures", args.data_root, seed=args.seed, spacing_mm=args.spacing, first_id=61,
+                        regional_contrast=args.regional_contrast,
+                        tasks=dict(list(BENCHMARK_TASKS.items())[:args.tasks]))
+    else:
+        folders = build("synthetic-structures", args.data_root, seed=args.seed)[:args.tasks]
     tasks = [str(p) for p in folders]
     run_methods(tasks, args.out, args.methods, args)
 
@@ -150,7 +173,7 @@ def main() -> None:
     for folder in folders:
         t = load_task(folder)
         cases += [list(t.cases[c].images) for c in splits[t.name][:2]]
-    merged_s, one_s = inference_times(fed, args.out / "separate", cases, args.repeats)
+    merged_s, one_s = inference_times(fed, cases, args.repeats)
     ratio = merged_s / one_s
     per_decoder = (ratio - 1) / (T - 1) if T > 1 else 0.0
     mean_student_params = statistics.mean(s["parameters"] for s in students) if students else 0
@@ -166,16 +189,16 @@ def main() -> None:
               "methods": rows, "decoders": decoders, "base_parameters": base_params, "base_flops": base_flops,
               "inference_seconds_merged": merged_s, "inference_seconds_one_nnunet": one_s, "time_ratio": ratio,
               "projection": projection}
-    write_json(args.results / "class_incremental.json", result)
+    write_json(args.results / f"{args.name}.json", result)
 
     sep = by.get("separate")
-    lines = ["| method | Dice over all structures | vs separate | mean forgetting | parameters | vs T separate |",
+    lines = ["| method | Dice over all structures | vs separate | mean forgetting | parameters | vs T nnU-Nets |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['structure_dice']:.3f} | "
                      f"{(r['structure_dice'] - sep['structure_dice']) if sep else float('nan'):+.3f} | "
                      f"{r['mean_forgetting'] if r['mean_forgetting'] is not None else float('nan'):.3f} | "
-                     f"{r['parameters'] / 1e6:.2f} M | {r['parameters'] / sep['parameters'] if sep else 0:.2f}x |")
+                     f"{r['parameters'] / 1e6:.2f} M | {r['parameters'] / (T * base_params):.2f}x |")
     lines += ["", "| decoder (task) | parameters | share of one nnU-Net | FLOPs per patch | teacher parameters | "
               "student (width x convs) | temperature |", "|---|---|---|---|---|---|---|"]
     for d in decoders:
@@ -192,9 +215,9 @@ def main() -> None:
         lines.append(f"| {p['tasks']} | {p['parameters'] / 1e6:.2f} M | {p['separate_parameters'] / 1e6:.2f} M | "
                      f"{p['weights_mib']:.0f} vs {p['separate_weights_mib']:.0f} | {p['flops_ratio']:.2f}x | "
                      f"{p['time_ratio']:.2f}x ({p['target_time_ratio']:.1f}x) |")
-    text = "\n".join(lines) + (f"\n\nbrain-structures, tasks {', '.join(Path(t).name for t in tasks)}; {args.epochs} "
+    text = "\n".join(lines) + (f"\n\n{args.dataset}, tasks {', '.join(Path(t).name for t in tasks)}; {args.epochs} "
                                f"epochs x {args.iterations} iterations per stage, seed {args.seed}, CPU (2 cores).\n")
-    write_text(args.results / "class_incremental.md", text)
+    write_text(args.results / f"{args.name}.md", text)
     print(text)
 
 

@@ -389,5 +389,19 @@ def save_model(path: Path, weights: dict, method_state: dict, info: dict | None 
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+def stored_parameter_count(weights: dict) -> int:
+    """Learnable values in a stored ``network_weights``, each tensor counted once: nnU-Net registers every
+    convolution twice (``conv`` and ``all_modules.0``), so its state_dict lists the same storage under two keys."""
+    seen, total = set(), 0
+    for v in weights.values():
+        if not v.is_floating_point() or v.ndim == 0:
+            continue
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key not in seen:
+            seen.add(key)
+            total += v.numel()
+    return total
+
+
 def load_model(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)

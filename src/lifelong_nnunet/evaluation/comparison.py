@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from .. import __version__
 from ..errors import UserInputError
 from ..io_utils import atomic_write, read_json, write_text
-from ..runner import is_one_model_per_task, load_schedule
+from ..runner import is_one_model_per_task, load_schedule, stored_parameter_count
 from .continual import result_matrix
 from .stats import paired_bootstrap
 
@@ -275,7 +275,7 @@ def _stage_model_stats(run_dir: Path) -> dict:
         seconds += float(info.get("train_seconds", 0.0))
         if "peak_rss_mb" in info:
             peaks.append(float(info["peak_rss_mb"]))
-        sizes[stage.index] = sum(int(t.numel()) for t in payload["network_weights"].values() if t.is_floating_point())
+        sizes[stage.index] = stored_parameter_count(payload["network_weights"])
     if is_one_model_per_task(schedule):
         complete = all(s.index in sizes for s in schedule)
         size = float(sum(sizes.values())) if complete else math.nan
