@@ -65,6 +65,21 @@ def structure_dice(run: Path) -> pd.Series:
     return dice.groupby(["eval_task", "label"]).value.mean()
 
 
+def chosen_student(record: dict) -> dict | None:
+    """The candidate that replaced the teacher: the first accepted one, else (none within tolerance) the best."""
+    tried = record.get("candidates", [])
+    if not record.get("compressed") or not tried:
+        return None
+    return next((c for c in tried if c["accepted"]), max(tried, key=lambda c: c["dice"]))
+
+
+def student_label(st: dict | None) -> str:
+    if st is None:
+        return "full (not compressed)"
+    verdict = "within tolerance" if st["accepted"] else "best; none within tolerance"
+    return f"{st['width']:g} x {st['n_conv']} (Dice {st['dice']:.3f}, {verdict})"
+
+
 def parameters(model: Path) -> int:
     from lifelong_nnunet.runner import stored_parameter_count
     return stored_parameter_count(torch.load(model, map_location="cpu", weights_only=True)["network_weights"])
@@ -163,7 +178,7 @@ def main() -> None:
                  "flops_per_patch": records[Path(t).name]["flops"],
                  "teacher_parameters": records[Path(t).name]["teacher_parameters"],
                  "teacher_dice": records[Path(t).name].get("teacher_dice"),
-                 "student": next((c for c in records[Path(t).name].get("candidates", []) if c["accepted"]), None),
+                 "student": chosen_student(records[Path(t).name]),
                  "temperature": records[Path(t).name]["temperature"]} for t in tasks]
 
     # inference side by side on the test cases of every task
@@ -205,7 +220,7 @@ def main() -> None:
         st = d["student"]
         lines.append(f"| {d['task']} | {d['parameters'] / 1e6:.3f} M | {d['share_of_base_parameters']:.1%} | "
                      f"{d['flops_per_patch'] / 1e9:.2f} G | {d['teacher_parameters'] / 1e6:.3f} M | "
-                     f"{'%g x %d' % (st['width'], st['n_conv']) if st else 'full (task 1)'} | "
+                     f"{student_label(st)} | "
                      f"{d['temperature']:.2f} |")
     lines += ["", f"Inference per case: merged model {merged_s:.2f} s, one nnU-Net {one_s:.2f} s: "
                   f"{ratio:.2f}x (target for T={T}: at most {1 + 0.3 * (T - 1):.1f}x).", "",
