@@ -136,11 +136,11 @@ def stage_context(tmp_path: Path, method, tasks: dict[str, list[str]]) -> StageC
     run.root.mkdir()
     stages = method.schedule(list(tasks))
     write_json(run.schedule, [asdict(s) for s in stages])
-    task_objs = [SimpleNamespace(name=name, train_cases=cases, dataset_id=900 + i)
+    task_objs = [SimpleNamespace(name=name, train_cases=cases, dataset_id=900 + i, labels={"background": 0, "a": 1})
                  for i, (name, cases) in enumerate(tasks.items())]
     workspace = SimpleNamespace(plans=lambda t: {}, dataset_json=lambda t: {},
                                 preprocessed_folder=lambda t: tmp_path / "pre" / t.name)
-    exp = SimpleNamespace(validation_fraction=0.2, seed=0)
+    exp = SimpleNamespace(validation_fraction=0.2, seed=0, scenario="domain")
     return StageContext(exp, run, workspace, task_objs, method, torch.device("cpu"), lambda *a, **k: None)
 
 

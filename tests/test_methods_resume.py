@@ -34,8 +34,11 @@ def cache(planning_cache) -> Path:
 
 
 def spec(method, tasks, cache):
-    return experiment_from_dict({"tasks": [str(t) for t in tasks], "method": method, "training": BUDGET,
-                                 "cache_dir": str(cache), "device": "cpu"})
+    # class-only methods run the same two sites as a class sequence (task 2 re-annotates task 1's structures)
+    scenario = "domain" if "domain" in create_method(method).scenarios else "class"
+    params = {"val_batches": 2, "widths": [0.25], "convs": [1]} if method == "frozen_encoder_decoders" else {}
+    return experiment_from_dict({"tasks": [str(t) for t in tasks], "method": method, "method_params": params,
+                                 "training": BUDGET, "cache_dir": str(cache), "device": "cpu", "scenario": scenario})
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
