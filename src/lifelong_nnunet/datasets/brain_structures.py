@@ -42,7 +42,7 @@ from lifelong_nnunet.datasets.hippocampus_sites import (
 from lifelong_nnunet.datasets.synthetic import smooth_bias_field
 from lifelong_nnunet.datasets.synthetic_structures import (
     Progress,
-    check_task_names,
+    resolve_parts,
     stable_key,
     write_structures_dataset,
 )
@@ -110,29 +110,8 @@ def read_dk_structures(csv_path: Path) -> tuple[list[str], np.ndarray]:
 def resolve_brain_tasks(tasks: Sequence[str] | Mapping[str, Sequence[str]],
                         atlas_names: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """Task name -> structures. Accepts names of BRAIN_TASKS or a custom mapping of task name -> DK names."""
-    if isinstance(tasks, str):
-        tasks = (tasks,)
-    if isinstance(tasks, Mapping):
-        resolved = {str(k): tuple(v) for k, v in tasks.items()}
-    else:
-        unknown = [t for t in tasks if t not in BRAIN_TASKS]
-        if unknown:
-            raise UserInputError(
-                f"brain-structures has no task {unknown[0]!r}. Choose from {', '.join(BRAIN_TASKS)} (default: "
-                f"{', '.join(DEFAULT_BRAIN_TASKS)}), or pass a mapping of task name -> DK structure names.")
-        resolved = {t: BRAIN_TASKS[t] for t in tasks}
-    check_task_names("brain-structures", list(resolved))
-    if not resolved or any(not v for v in resolved.values()):
-        raise UserInputError("brain-structures needs at least one task, each with at least one structure. Give task "
-                             f"names from {', '.join(BRAIN_TASKS)}.")
-    for task, structures in resolved.items():
-        bad = [s for s in structures if s not in atlas_names]
-        if bad or len(set(structures)) != len(structures):
-            raise UserInputError(
-                f"brain-structures task {task!r}: {bad[0] if bad else 'a repeated structure'} is not a usable DK "
-                f"structure name. Use each name once, spelled as in the atlas (left and right merged): "
-                f"{', '.join(atlas_names)}.")
-    return resolved
+    return resolve_parts("brain-structures", tasks, BRAIN_TASKS, DEFAULT_BRAIN_TASKS, atlas_names, "DK structure",
+                         f"as in the atlas (left and right merged): {', '.join(atlas_names)}")
 
 
 def load_donor(path: Path, lookup: np.ndarray) -> Donor:

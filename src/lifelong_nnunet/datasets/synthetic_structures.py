@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -98,6 +98,35 @@ def check_task_names(builder: str, names: Sequence[str]) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_]+", str(name)):
             raise UserInputError(f"{builder}: the task name {name!r} cannot be used in a dataset folder name. Use "
                                  f"letters, digits and underscores only, e.g. 'basal_ganglia'.")
+
+
+def resolve_parts(builder: str, tasks, presets: Mapping[str, Sequence[str]], default: Sequence[str],
+                  known: Sequence[str], what: str, spelling: str) -> dict[str, tuple[str, ...]]:
+    """Task name -> structure names for a class-incremental builder: names of ``presets`` or a custom mapping
+    task -> structure names; every structure must be one of ``known``, used once (``what``/``spelling`` word the
+    error, e.g. "DK structure" / "as in the atlas")."""
+    if isinstance(tasks, str):
+        tasks = (tasks,)
+    if isinstance(tasks, Mapping):
+        resolved = {str(k): tuple(v) for k, v in tasks.items()}
+    else:
+        unknown = [t for t in tasks if t not in presets]
+        if unknown:
+            raise UserInputError(
+                f"{builder} has no task {unknown[0]!r}. Choose from {', '.join(presets)} (default: "
+                f"{', '.join(default)}), or pass a mapping of task name -> {what} names.")
+        resolved = {t: tuple(presets[t]) for t in tasks}
+    check_task_names(builder, list(resolved))
+    if not resolved or any(not v for v in resolved.values()):
+        raise UserInputError(f"{builder} needs at least one task, each with at least one {what}. Give task names "
+                             f"from {', '.join(presets)}.")
+    for task, names in resolved.items():
+        bad = [n for n in names if n not in known]
+        if bad or len(set(names)) != len(names):
+            raise UserInputError(
+                f"{builder} task {task!r}: {bad[0] if bad else 'a repeated ' + what} is not a usable {what} name. "
+                f"Use each name once, spelled {spelling}.")
+    return resolved
 
 
 def stable_key(text: str) -> int:

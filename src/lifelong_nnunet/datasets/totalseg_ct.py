@@ -39,7 +39,7 @@ from lifelong_nnunet.datasets.brain_structures import (
 )
 from lifelong_nnunet.datasets.synthetic_structures import (
     Progress,
-    check_task_names,
+    resolve_parts,
     stable_key,
     write_structures_dataset,
 )
@@ -193,29 +193,8 @@ def read_scan(name: str, image_path: Path, seg_path: Path) -> Scan:
 def resolve_ct_tasks(tasks: Sequence[str] | Mapping[str, Sequence[str]],
                      class_names: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """Task name -> class names. Accepts names of CT_TASKS or a custom mapping task -> class_map['total'] names."""
-    if isinstance(tasks, str):
-        tasks = (tasks,)
-    if isinstance(tasks, Mapping):
-        resolved = {str(k): tuple(v) for k, v in tasks.items()}
-    else:
-        unknown = [t for t in tasks if t not in CT_TASKS]
-        if unknown:
-            raise UserInputError(
-                f"totalseg-ct has no task {unknown[0]!r}. Choose from {', '.join(CT_TASKS)} (default: "
-                f"{', '.join(DEFAULT_CT_TASKS)}), or pass a mapping of task name -> class_map['total'] names.")
-        resolved = {t: CT_TASKS[t] for t in tasks}
-    check_task_names("totalseg-ct", list(resolved))
-    if not resolved or any(not v for v in resolved.values()):
-        raise UserInputError(f"totalseg-ct needs at least one task with at least one class; choose from "
-                             f"{', '.join(CT_TASKS)}.")
-    for task, names in resolved.items():
-        bad = [n for n in names if n not in class_names]
-        if bad or len(set(names)) != len(names):
-            raise UserInputError(
-                f"totalseg-ct task {task!r}: {bad[0] if bad else 'a repeated class'} is not a usable class of "
-                f"TotalSegmentator's class_map['total']. Use each name once, spelled as there (e.g. liver, "
-                f"vertebrae_L1, rib_left_7).")
-    return resolved
+    return resolve_parts("totalseg-ct", tasks, CT_TASKS, DEFAULT_CT_TASKS, class_names, "class",
+                         "as in TotalSegmentator's class_map['total'] (e.g. liver, vertebrae_L1, rib_left_7)")
 
 
 def choose_crop(scan: Scan, task_mask: np.ndarray, spacing: float,
