@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from lifelong_nnunet.cli import _split_tasks, expand_multi_value_options
@@ -73,6 +75,18 @@ def test_run_into_a_non_empty_folder_without_a_run(raw_sites, run_cli, tmp_path)
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_run_with_a_truncated_image(raw_sites, run_cli, tmp_path):
+    """The first 200 bytes of a valid .nii.gz: the header reads, the voxels are cut off. SimpleITK (nnU-Net's
+    reader) would fill the rest with zeros, so without the full read this run trained and reported on blank data."""
+    image = sorted((raw_sites[0] / "imagesTr").iterdir())[0]
+    image.write_bytes(image.read_bytes()[:200])
+    out = tmp_path / "out"
+    result = run_cli("run", "--tasks", raw_sites[0], "-o", out, "--epochs", "1", "--iterations", "1")  # fails fast
+    _check(result, image, "truncated")
+    assert not out.exists()
+    assert not (tmp_path / "cache").exists()
+
+
 def test_predict_on_a_folder_that_is_not_a_run(run_cli, tmp_path):
     not_a_run = tmp_path / "not_a_run"
     not_a_run.mkdir()
@@ -110,6 +124,67 @@ def test_run_with_bad_case_writes_nothing(raw_sites, cli_in_process, tmp_path):
     label.write_bytes(b"garbage")
     out = tmp_path / "out"
     _assert_user_error(*cli_in_process("run", "--tasks", raw_sites[0], "-o", out), label)
+    assert not out.exists()
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.fixture
+def stop_after_checks(monkeypatch):
+    """Broken data that slipped through `runner.prepare` would be planned and trained on in this process: fail at
+    once instead."""
+    from lifelong_nnunet import runner
+
+    checked = runner.prepare
+
+    def prepare_then_stop(*args, **kwargs):
+        checked(*args, **kwargs)
+        raise AssertionError("the broken data passed every check in runner.prepare")
+
+    monkeypatch.setattr(runner, "prepare", prepare_then_stop)
+
+
+def _rewrite(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` into ``path`` with the file's own affine (so only the voxels are wrong, not the geometry)."""
+    nib.save(nib.Nifti1Image(array, nib.load(path).affine), path)
+
+
+def test_run_with_a_truncated_label_in_the_second_task(raw_sites, cli_in_process, tmp_path, stop_after_checks):
+    label = sorted((raw_sites[1] / "labelsTr").iterdir())[-1]
+    label.write_bytes(label.read_bytes()[:-40])  # the end of the gzip stream is missing
+    out = tmp_path / "out"
+    _assert_user_error(*cli_in_process("run", "--tasks", raw_sites[0], raw_sites[1], "-o", out), label, "truncated")
+    assert not out.exists()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_run_with_an_all_nan_image(raw_sites, cli_in_process, tmp_path, stop_after_checks):
+    image = sorted((raw_sites[0] / "imagesTr").iterdir())[2]
+    _rewrite(image, np.full(nib.load(image).shape, np.nan, np.float32))
+    out = tmp_path / "out"
+    code, stdout, err = cli_in_process("run", "--tasks", raw_sites[0], "-o", out)
+    _assert_user_error(code, stdout, err, image, "non-finite", f"{24 ** 3} NaN")
+    assert not out.exists()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_run_with_an_infinite_voxel_in_an_image(raw_sites, cli_in_process, tmp_path, stop_after_checks):
+    image = sorted((raw_sites[0] / "imagesTr").iterdir())[0]
+    voxels = np.asanyarray(nib.load(image).dataobj).astype(np.float32)
+    voxels[3, 4, 5] = -np.inf
+    _rewrite(image, voxels)
+    out = tmp_path / "out"
+    _assert_user_error(*cli_in_process("run", "--tasks", raw_sites[0], "-o", out), image, "1 non-finite", "1 +/-inf")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad, fragment", [(np.nan, "non-finite"), (np.inf, "non-finite"), (1.5, "non-integer")])
+def test_run_with_a_label_map_that_is_not_finite_and_integer(raw_sites, cli_in_process, tmp_path, stop_after_checks, bad, fragment):
+    label = sorted((raw_sites[0] / "labelsTr").iterdir())[1]
+    values = np.asanyarray(nib.load(label).dataobj).astype(np.float32)
+    values[0, 0, 0] = bad
+    _rewrite(label, values)
+    out = tmp_path / "out"
+    _assert_user_error(*cli_in_process("run", "--tasks", raw_sites[0], "-o", out), label, fragment)
     assert not out.exists()
     assert not (tmp_path / "cache").exists()
 

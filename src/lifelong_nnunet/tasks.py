@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.filebasedimages import ImageFileError
 
 from .errors import UserInputError
 
@@ -139,8 +142,50 @@ def load_task(folder: Path) -> Task:
     return Task(folder=folder, dataset_json=djson, cases=cases)
 
 
+NIFTI_ENDINGS = (".nii", ".nii.gz")
+
+
+def read_voxels(path: Path) -> np.ndarray:
+    """Every voxel of one image file, read to its end; raises UserInputError if the file stops early or is damaged.
+
+    NIfTI goes through nibabel because SimpleITK, the reader nnU-Net uses, fills a truncated NIfTI (a copy cut off
+    after the header, a half-written download) with zeros and returns it without a word, so a user would train and
+    evaluate on an image that is partly or wholly blank. nibabel raises on the short read (or the broken gzip
+    stream). Other formats go through SimpleITK, whose readers (MetaImage, NRRD, ...) raise on a short read.
+    """
+    try:
+        if path.name.endswith(NIFTI_ENDINGS):
+            return np.asanyarray(nib.load(path).dataobj)
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except (OSError, EOFError, ValueError, RuntimeError, zlib.error, ImageFileError) as e:
+        reason = ("nibabel cannot parse its NIfTI header" if isinstance(e, ImageFileError)
+                  else f"{type(e).__name__}: {(str(e).strip().splitlines() or ['no detail'])[-1]}")
+        raise UserInputError(
+            f"{path} cannot be read to its end ({reason}): the file is truncated or damaged, "
+            f"e.g. by an interrupted copy, download or export. Replace it with a complete copy of the image.") from None
+
+
+def _check_image_voxels(path: Path, voxels: np.ndarray) -> None:
+    """An image must be finite: nnU-Net's normalisation and every loss turn one NaN or inf into NaN everywhere."""
+    if np.issubdtype(voxels.dtype, np.integer):
+        return
+    finite = np.isfinite(voxels)
+    if not finite.all():
+        n_nan = int(np.isnan(voxels).sum())
+        n_inf = voxels.size - int(finite.sum()) - n_nan
+        raise UserInputError(
+            f"{path} holds {voxels.size - int(finite.sum())} non-finite voxel(s) of {voxels.size} ({n_nan} NaN, "
+            f"{n_inf} +/-inf). Training and evaluation need finite intensities: replace them in the image (e.g. "
+            f"numpy.nan_to_num with the background value) or fix the export that produced them.")
+
+
 def check_case(task: Task, case: Case) -> None:
-    """Image/label geometry must agree and label values must be integers declared in dataset.json."""
+    """Read every file of a case fully, once, and check it: readable to its end, image and label on one voxel grid,
+    finite intensities, and integer label values that dataset.json declares.
+
+    Geometry comes from SimpleITK's header read (what nnU-Net will see); the voxels from `read_voxels`, one file at a
+    time, so a case never holds more than one array in memory.
+    """
     reader = sitk.ImageFileReader()
     geometry = []
     for path in (*case.images, case.label):
@@ -163,10 +208,18 @@ def check_case(task: Task, case: Case) -> None:
                     f"{path} and its label {ref_path} disagree in {what} ({tuple(np.round(a, 4))} vs "
                     f"{tuple(np.round(b, 4))}). Image and label must share geometry; copy the image's header onto "
                     f"the label (e.g. SimpleITK CopyInformation) after checking they really align.")
-    values = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
-    if np.issubdtype(values.dtype, np.floating) and not np.all(np.mod(values, 1) == 0):
-        raise UserInputError(f"{case.label} holds non-integer label values. A label map must hold integers; round "
-                             f"or re-export it with an integer type.")
+    for path in case.images:
+        _check_image_voxels(path, read_voxels(path))
+    values = read_voxels(case.label)
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.isfinite(values).all():
+            raise UserInputError(
+                f"{case.label} holds {int((~np.isfinite(values)).sum())} non-finite value(s) (NaN or inf). A label "
+                f"map must hold integer class values only; fix the export that produced it and store it with an "
+                f"integer type.")
+        if not np.all(np.mod(values, 1) == 0):
+            raise UserInputError(f"{case.label} holds non-integer label values. A label map must hold integers; "
+                                 f"round or re-export it with an integer type.")
     present = {int(v) for v in np.unique(values)}
     allowed = set(task.labels.values())
     unknown = sorted(present - allowed)
