@@ -178,7 +178,8 @@ def test_run_with_an_infinite_voxel_in_an_image(raw_sites, cli_in_process, tmp_p
 
 
 @pytest.mark.parametrize("bad, fragment", [(np.nan, "non-finite"), (np.inf, "non-finite"), (1.5, "non-integer")])
-def test_run_with_a_label_map_that_is_not_finite_and_integer(raw_sites, cli_in_process, tmp_path, stop_after_checks, bad, fragment):
+def test_run_with_a_label_map_that_is_not_finite_and_integer(raw_sites, cli_in_process, tmp_path, stop_after_checks,
+                                                             bad, fragment):
     label = sorted((raw_sites[0] / "labelsTr").iterdir())[1]
     values = np.asanyarray(nib.load(label).dataobj).astype(np.float32)
     values[0, 0, 0] = bad

@@ -177,13 +177,18 @@ def test_export_runs_in_stock_nnunet(sequential_run, synthetic_tasks, tmp_path):
     source = sorted((synthetic_tasks[1] / "imagesTr").glob("*.nii.gz"))[0]
     shutil.copy(source, inputs / source.name)
     stock = Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"
+    # Both commands run nnU-Net's own sliding-window predictor on the same weights; with the same environment they
+    # also run it with the same number of torch threads (nnU-Net predicts with min(nnUNet_def_n_proc, threads)), so
+    # the logits, and the label maps, must agree bit for bit. Without it ours would use every core and stock one
+    # thread, and another split of the work may round differently and flip a voxel at a near-tie.
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
     env.update({"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", "nnUNet_compile": "f"})
     done = subprocess.run([str(stock), "-i", str(inputs), "-o", str(tmp_path / "stock"), "-m", str(tmp_path / "model"),
                            "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
-    ours = cli("predict", str(sequential_run), "-i", str(inputs), "-o", str(tmp_path / "ours"), "--device", "cpu")
+    ours = cli("predict", str(sequential_run), "-i", str(inputs), "-o", str(tmp_path / "ours"), "--device", "cpu",
+               env=env)
     assert ours.returncode == 0, ours.stderr
     name = source.name.replace("_0000", "")
     stock_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "stock" / name)))
