@@ -11,7 +11,7 @@ import pytest
 
 from lifelong_nnunet.errors import UserInputError
 from lifelong_nnunet.tasks import (Case, LabelRegistry, Task, check_case, check_sequence, load_task, make_test_split,
-                                   resolve_task_folder)
+                                   read_voxels, resolve_task_folder)
 
 
 def _first_case(folder: Path) -> tuple[str, Path, Path]:
@@ -176,6 +176,27 @@ def test_integer_valued_float_labels_are_accepted(raw_sites):
     _rewrite_label(label, np.asanyarray(nib.load(label).dataobj).astype(np.float32))
     task = load_task(raw_sites[0])
     check_case(task, task.cases[case_id])
+
+
+def test_truncated_uncompressed_nifti_is_refused(tmp_path):
+    """SimpleITK reads a cut-off .nii as well as a cut-off .nii.gz without complaint (the rest comes back as zeros)."""
+    path = tmp_path / "case_0000.nii"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), path)
+    assert read_voxels(path).sum() == 512
+    path.write_bytes(path.read_bytes()[:-100])
+    assert "truncated" in _raises_naming(path, read_voxels, path)
+
+
+def test_scaled_nifti_is_read_scaled_in_float32(tmp_path):
+    """CT is often int16 with scl_inter -1024: read as nnU-Net's reader sees it, without nibabel's float64 copy."""
+    path = tmp_path / "ct_0000.nii.gz"
+    image = nib.Nifti1Image(np.arange(64, dtype=np.int16).reshape(4, 4, 4), np.eye(4))
+    image.header.set_slope_inter(2.0, -1024.0)
+    nib.save(image, path)
+    voxels = read_voxels(path)
+    assert voxels.dtype == np.float32 and voxels.min() == -1024.0 and voxels.max() == 2 * 63 - 1024.0
+    nib.save(nib.Nifti1Image(np.arange(64, dtype=np.int16).reshape(4, 4, 4), np.eye(4)), path)
+    assert read_voxels(path).dtype == np.int16  # unscaled: the stored type
 
 
 def test_undeclared_label_value(raw_sites):

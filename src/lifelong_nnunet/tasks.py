@@ -152,10 +152,15 @@ def read_voxels(path: Path) -> np.ndarray:
     after the header, a half-written download) with zeros and returns it without a word, so a user would train and
     evaluate on an image that is partly or wholly blank. nibabel raises on the short read (or the broken gzip
     stream). Other formats go through SimpleITK, whose readers (MetaImage, NRRD, ...) raise on a short read.
+    Scaled NIfTI data (scl_slope/scl_inter, common for CT) comes back as float32, as SimpleITK reads it, not as
+    nibabel's default float64 (twice the memory); unscaled data keeps its stored type.
     """
     try:
         if path.name.endswith(NIFTI_ENDINGS):
-            return np.asanyarray(nib.load(path).dataobj)
+            image = nib.load(path)
+            if image.dataobj.slope == 1 and image.dataobj.inter == 0:
+                return np.asanyarray(image.dataobj)
+            return image.get_fdata(dtype=np.float32)
         return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     except (OSError, EOFError, ValueError, RuntimeError, zlib.error, ImageFileError) as e:
         reason = ("nibabel cannot parse its NIfTI header" if isinstance(e, ImageFileError)
