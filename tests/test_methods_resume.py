@@ -17,6 +17,12 @@ pytestmark = pytest.mark.slow
 METHODS = [m for m in available_methods() if not m.startswith("test-")]
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".npy", ".npz", ".b2nd", ".pkl", ".mha", ".nrrd", ".png.npy")
 BUDGET = {"epochs": 2, "iterations_per_epoch": 3, "val_iterations": 1}
+# What resume must restore does not depend on these sizes, and the defaults would dominate the module's time (EWC's
+# and MAS's 20 batches of per-sample gradients after every stage cost more than the stage's training). RW updates
+# every 2nd step so that its running Fisher and path integral are non-trivial when the run is cut (its default of
+# 10 steps falls after the cut), and resuming with a wrong step count shifts its updates.
+METHOD_PARAMS = {"ewc": {"fisher_batches": 2}, "mas": {"importance_batches": 2}, "rw": {"update_interval": 2},
+                 "frozen_encoder_decoders": {"val_batches": 2, "widths": [0.25], "convs": [1]}}
 
 
 class Interrupt(Exception):
@@ -36,8 +42,8 @@ def cache(planning_cache) -> Path:
 def spec(method, tasks, cache):
     # class-only methods run the same two sites as a class sequence (task 2 re-annotates task 1's structures)
     scenario = "domain" if "domain" in create_method(method).scenarios else "class"
-    params = {"val_batches": 2, "widths": [0.25], "convs": [1]} if method == "frozen_encoder_decoders" else {}
-    return experiment_from_dict({"tasks": [str(t) for t in tasks], "method": method, "method_params": params,
+    return experiment_from_dict({"tasks": [str(t) for t in tasks], "method": method,
+                                 "method_params": METHOD_PARAMS.get(method, {}),
                                  "training": BUDGET, "cache_dir": str(cache), "device": "cpu", "scenario": scenario})
 
 

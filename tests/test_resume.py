@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lifelong_nnunet.datasets.synthetic import build_synthetic_sites
-
 pytestmark = pytest.mark.slow
 
 
@@ -21,11 +19,12 @@ def start(spec: Path, out: Path, *flags: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def test_kill_mid_stage_then_resume(tmp_path):
-    tasks = build_synthetic_sites(tmp_path / "raw", n_sites=2, cases_per_site=6)
+def test_kill_mid_stage_then_resume(synthetic_tasks, planning_cache, tmp_path):
+    """The session's planning cache: planning is not what is killed here, and a kill mid-stage never touches it."""
     spec = tmp_path / "experiment.yaml"
     spec.write_text(yaml.safe_dump({
-        "tasks": [str(t) for t in tasks], "method": "sequential", "device": "cpu", "cache_dir": str(tmp_path / "cache"),
+        "tasks": [str(t) for t in synthetic_tasks], "method": "sequential", "device": "cpu",
+        "cache_dir": str(planning_cache),
         "training": {"epochs": 3, "iterations_per_epoch": 3, "val_iterations": 1}}))
     out = tmp_path / "run"
     proc = start(spec, out, "-q")
