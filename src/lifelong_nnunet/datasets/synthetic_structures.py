@@ -20,6 +20,7 @@ from scipy import ndimage as ndi
 
 from lifelong_nnunet.datasets._common import (
     Progress,
+    part_of,
     stable_key,
     task_folder,
     write_structures_dataset,
@@ -125,6 +126,5 @@ def build_synthetic_structures(root: Path, *, tasks: Sequence[str] = tuple(SYNTH
             plan, make_case, {name: value for value, name in enumerate(own, start=1)}, description=description,
             extra_json={"lifelong_nnunet_build": {"builder": "synthetic-structures", "seed": seed,
                                                   "subjects": subjects, "variants": variants, "shape": list(shape)}},
-            progress=None if progress is None else
-            (lambda i, n, case_id, offset=position * per_task: progress(offset + i, len(tasks) * per_task, case_id))))
+            progress=part_of(progress, position * per_task, len(tasks) * per_task)))
     return folders

@@ -31,6 +31,7 @@ from lifelong_nnunet.datasets._common import (
     Progress,
     cache_dir_for,
     camel,
+    part_of,
     pip_download,
     resolve_parts,
     stable_key,
@@ -258,10 +259,6 @@ def build_totalseg_ct(root: Path, *, tasks: Sequence[str] | Mapping[str, Sequenc
             rng = np.random.default_rng([seed, stable_key(task), stable_key(scan_name), index % variants])
             return make_ct_case(scans[scan_name], task_lookup, float(spacing_mm), deformation, rng)
 
-        def report(i: int, n: int, case_id: str, offset: int = position * len(plan)) -> None:
-            if progress is not None:
-                progress(offset + i, total, case_id)
-
         description = (
             f"CT class-incremental task '{task}' (lifelong-nnunet totalseg-ct, seed {seed}): labels ONLY "
             f"{', '.join(names)}; every other structure is background. TINY DEMONSTRATION: all cases are crops "
@@ -279,5 +276,5 @@ def build_totalseg_ct(root: Path, *, tasks: Sequence[str] | Mapping[str, Sequenc
         folders.append(write_structures_dataset(
             task_folder(root, first_id + position, f"CT{camel(task)}"), plan, make_case,
             {name: value for value, name in enumerate(names, start=1)}, channel_name="CT",
-            description=description, extra_json=extra, progress=report))
+            description=description, extra_json=extra, progress=part_of(progress, position * len(plan), total)))
     return folders
