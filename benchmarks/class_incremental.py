@@ -53,7 +53,7 @@ def run_methods(tasks: list[str], out: Path, methods: list[str], args) -> None:
 
 def structure_dice(run: Path) -> pd.Series:
     """Dice per structure of the delivered model: the last stage, or each task's own stage for one-model-per-task."""
-    from lifelong_nnunet.runner import is_one_model_per_task, load_schedule
+    from lifelong_nnunet.run_folder import is_one_model_per_task, load_schedule
     results = pd.read_csv(run / "results.csv")
     dice = results[results.metric == "dice"]
     schedule = load_schedule(run)
@@ -81,12 +81,12 @@ def student_label(st: dict | None) -> str:
 
 
 def parameters(model: Path) -> int:
-    from lifelong_nnunet.runner import stored_parameter_count
+    from lifelong_nnunet.run_folder import stored_parameter_count
     return stored_parameter_count(torch.load(model, map_location="cpu", weights_only=True)["network_weights"])
 
 
 def delivered_parameters(run: Path) -> int:
-    from lifelong_nnunet.runner import is_one_model_per_task, load_schedule
+    from lifelong_nnunet.run_folder import is_one_model_per_task, load_schedule
     schedule = load_schedule(run)
     stages = [s.index for s in schedule] if is_one_model_per_task(schedule) else [schedule[-1].index]
     return sum(parameters(run / "stages" / f"stage_{i}" / "model.pt") for i in stages)
@@ -98,12 +98,14 @@ def one_nnunet(fed_run: Path):
     from lifelong_nnunet.networks.multihead import head_key
     from lifelong_nnunet.networks.output_head import resize_output
     from lifelong_nnunet.nnunet.trainer import build_network
-    plans, djson, exp = (read_json(fed_run / n) for n in ("plans.json", "dataset.json", "experiment.json"))
-    first = read_json(fed_run / "schedule.json")[0]["train_tasks"][0]
-    labels = read_json(fed_run / "labels.json")["task_labels"][first]
-    weights = torch.load(fed_run / "stages" / "stage_1" / "model.pt", weights_only=True)["network_weights"]
+    from lifelong_nnunet.run_folder import RunFolder
+    run = RunFolder(fed_run)
+    plans, djson, exp = run.read_plans(), run.read_dataset_json(), run.read_experiment()
+    first = run.read_schedule()[0].train_tasks[0]
+    labels = run.read_labels().task_labels[first]
+    weights = run.load_model(1)["network_weights"]
     prefix = f"decoders.{head_key(first)}.decoder."
-    plain = resize_output(build_network(plans, exp["configuration"], djson), len(labels))
+    plain = resize_output(build_network(plans, exp.configuration, djson), len(labels))
     own = {k.replace(prefix, "decoder."): v for k, v in weights.items() if k.startswith(("encoder.", prefix))}
     missing = set(plain.load_state_dict(own, strict=False).missing_keys)
     assert all(k.startswith("decoder.encoder.") for k in missing), sorted(missing)[:3]  # the shared encoder
@@ -118,7 +120,7 @@ def inference_times(fed_run: Path, cases: list[list[Path]], repeats: int) -> tup
     segmenters = {}
     for name, (net, plans, djson, exp) in (("merged", load_network(fed_run, select_model(fed_run), None)),
                                             ("one", one_nnunet(fed_run))):
-        segmenters[name] = Segmenter(net, plans, exp["configuration"], djson, device)
+        segmenters[name] = Segmenter(net, plans, exp.configuration, djson, device)
     times = {"merged": [], "one": []}
     for _ in range(repeats):
         for files in cases:

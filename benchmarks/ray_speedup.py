@@ -29,12 +29,8 @@ from lifelong_nnunet.datasets.synthetic import build_synthetic_sites
 from lifelong_nnunet.experiment import experiment_from_dict
 from lifelong_nnunet.io_utils import write_json
 from lifelong_nnunet.runner import prepare
-from lifelong_nnunet.sweep import (
-    plan_runs,
-    plan_shared_workspaces,
-    run_sweep,
-    sweep_spec_from_dict,
-)
+from lifelong_nnunet.sweep import plan_runs, run_sweep, sweep_spec_from_dict
+from lifelong_nnunet.sweep.ray_backend import plan_shared_workspaces
 
 RESULTS = Path(__file__).parent / "results" / "ray_speedup.json"
 

@@ -28,7 +28,8 @@ from lifelong_nnunet.methods import Stage, available_methods, create_method
 from lifelong_nnunet.nnunet.env import resolve_device
 from lifelong_nnunet.nnunet.planning import Workspace
 from lifelong_nnunet.nnunet.trainer import build_network
-from lifelong_nnunet.runner import RunFolder, StageContext, default_cache_dir, load_model, prepare, save_model
+from lifelong_nnunet.run_folder import RunFolder, load_model, save_model
+from lifelong_nnunet.runner import StageContext, default_cache_dir, prepare
 
 TARGETS = {"regularisation": 1.10, "distillation": 1.6}
 KIND = {"ewc": "regularisation", "mas": "regularisation", "rw": "regularisation",

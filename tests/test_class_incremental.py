@@ -233,7 +233,7 @@ def test_domain_only_methods_are_refused_in_the_class_scenario(structure_tasks, 
 
 
 def test_stored_parameter_count_counts_nnunets_doubly_registered_convolutions_once(tmp_path):
-    from lifelong_nnunet.runner import load_model, save_model, stored_parameter_count
+    from lifelong_nnunet.run_folder import load_model, save_model, stored_parameter_count
     net = _unet(3)
     assert len(net.state_dict()) > len(dict(net.named_parameters()))  # conv weights appear under two keys
     save_model(tmp_path / "m.pt", net.state_dict(), {})

@@ -1,7 +1,7 @@
 """Sweep comparison report rendered from a stored fixture of results, and the paired bootstrap behind its verdicts.
 
 The fixture sweep is generated (never read from runs/): run folders in the runner's formats (experiment.json,
-splits.json, schedule.json, results.csv, stages/stage_k/model.pt via runner.save_model, summary.json via the
+splits.json, schedule.json, results.csv, stages/stage_k/model.pt via run_folder.save_model, summary.json via the
 project's own summarize), with result matrices chosen so every table value can be computed by hand.
 """
 from __future__ import annotations
@@ -25,8 +25,6 @@ from PIL import Image
 
 from lifelong_nnunet.errors import UserInputError
 from lifelong_nnunet.evaluation.comparison import (
-    _load_runs,
-    _Views,
     collect,
     load_sweep,
     method_table,
@@ -34,11 +32,13 @@ from lifelong_nnunet.evaluation.comparison import (
     render_summary_png,
     write_comparison_report,
 )
+from lifelong_nnunet.evaluation.comparison.figures import Views
+from lifelong_nnunet.evaluation.comparison.load import load_runs
 from lifelong_nnunet.evaluation.stats import paired_bootstrap
 from lifelong_nnunet.evaluation.summary import summarize
 from lifelong_nnunet.io_utils import write_json
 from lifelong_nnunet.methods import Stage
-from lifelong_nnunet.runner import RESULT_COLUMNS, save_model
+from lifelong_nnunet.run_folder import RESULT_COLUMNS, save_model
 
 TASKS = ["Dataset901_SiteA", "Dataset902_SiteB", "Dataset903_SiteC"]
 ORDERINGS = {"abc": TASKS, "cba": TASKS[::-1]}
@@ -216,7 +216,7 @@ def test_pairwise_table_pairs_only_runs_that_both_finished(sweep):
 
 
 def test_heatmap_reindexes_permuted_orderings_by_task_name(sweep):
-    views = _Views(_load_runs(sweep, load_sweep(sweep)["runs"], "dice"), "dice")
+    views = Views(load_runs(sweep, load_sweep(sweep)["runs"], "dice"), "dice")
     assert views.tasks == TASKS  # columns in the first ordering
     assert views.row_labels["sequential"] == ["before", "stage 1", "stage 2", "stage 3"]  # no "delivered" row
     final_by_name = views.by_name["sequential"][3]

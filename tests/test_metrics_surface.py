@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ from lifelong_nnunet.evaluation.continual import (
 from lifelong_nnunet.evaluation.metrics import nsd_tolerances, score_case
 from lifelong_nnunet.evaluation.summary import summarize, write_summary_and_report
 from lifelong_nnunet.experiment import Evaluation, experiment_from_dict
+from lifelong_nnunet.run_folder import migrate
 
 ALL = ["dice", "iou", "nsd", "hd95"]
 
@@ -243,14 +245,17 @@ def test_evaluation_spec_errors(evaluation, fragment):
 
 
 def test_run_folders_from_before_the_new_fields_keep_their_identity():
-    old = {"tasks": ["a"], "method": "sequential", "evaluation": {"mirroring": False, "tile_step_size": 0.5}}
-    stored = experiment_from_dict(old).identity()  # what such a run's experiment.json holds
-    assert stored["evaluation"] == {"mirroring": False, "tile_step_size": 0.5}
-    assert experiment_from_dict({"tasks": ["a"]}).identity() == stored  # resumes: same identity
+    # what the experiment.json of a run from before these fields holds (format 1 left them out at their defaults)
+    stored = {**experiment_from_dict({"tasks": ["a"]}).identity(),
+              "evaluation": {"mirroring": False, "tile_step_size": 0.5}}
+    stored.pop("plan_with")
+    migrated = migrate("experiment", stored, 1)
+    assert migrated["evaluation"] == asdict(Evaluation())
+    assert experiment_from_dict({"tasks": ["a"]}).identity() == migrated  # resumes: same identity
     custom = experiment_from_dict({"tasks": ["a"], "evaluation": {"metrics": ["dice"]}}).identity()
-    assert custom != stored and custom["evaluation"]["metrics"] == ["dice"]  # what is computed differs
+    assert custom != migrated and custom["evaluation"]["metrics"] == ["dice"]  # what is computed differs
     assert experiment_from_dict(custom).identity() == custom
-    assert Evaluation().identity() == {"mirroring": False, "tile_step_size": 0.5}
+    assert migrate("experiment", custom, 1) == custom  # a complete record passes unchanged
 
 
 # ---------------------------------------------------------------- continual metrics per metric

@@ -1,6 +1,6 @@
 """Sweeps: orderings and their guard, the sweep spec, the sweep folder, resume, shared planning.
 
-Most tests replace the run itself (`sweep._execute_run`) by a fake that writes what a finished run folder holds, so
+Most tests replace the run itself (`sweep.local.execute_run`) by a fake that writes what a finished run folder holds, so
 the sweep's own logic is tested in seconds. One slow test runs a real tiny sweep of two orderings and shows that the
 second ordering reuses the first one's planning.
 """
@@ -15,10 +15,14 @@ import pytest
 import torch
 
 from lifelong_nnunet import sweep as sweep_mod
+from lifelong_nnunet.sweep import gather as sweep_gather
+from lifelong_nnunet.sweep import local as sweep_local
+from lifelong_nnunet.sweep import ray_backend
 from lifelong_nnunet.errors import UserInputError
 from lifelong_nnunet.experiment import experiment_from_dict
 from lifelong_nnunet.io_utils import write_json
 from lifelong_nnunet.orderings import make_orderings, parse_ordering_request
+from lifelong_nnunet.run_folder import migrate
 from lifelong_nnunet.sweep import plan_runs, run_sweep, sweep_spec_from_dict
 
 TASKS = ["Dataset901_A", "Dataset902_B", "Dataset903_C", "Dataset904_D"]
@@ -185,7 +189,9 @@ def test_workspace_key_changes_when_a_dataset_is_rebuilt_under_the_same_name(raw
 
 def test_plan_with_is_validated_and_kept_out_of_old_identities(_pristine_sites):
     tasks = [str(p) for p in _pristine_sites]
-    assert "plan_with" not in experiment_from_dict({"tasks": tasks}).identity()  # old run folders still resume
+    identity = experiment_from_dict({"tasks": tasks}).identity()
+    old = {k: v for k, v in identity.items() if k != "plan_with"}  # run folders from before plan_with existed
+    assert migrate("experiment", old, 1) == identity  # still resume
     assert experiment_from_dict({"tasks": tasks, "plan_with": "902"}).identity()["plan_with"] == "902"
     assert experiment_from_dict({"tasks": ["11", "12"], "plan_with": "/data/Dataset012_X"}).plan_with
     with pytest.raises(UserInputError, match="plan_with 'Dataset903_SynthSiteC' is not one of the tasks"):
@@ -209,8 +215,8 @@ def fake_runs(monkeypatch):
         write_json(Path(run_dir) / "summary.json", summary)
         return summary
 
-    monkeypatch.setattr(sweep_mod, "_execute_run", fake)
-    monkeypatch.setattr(sweep_mod, "_write_comparison", lambda d, log: calls["reports"].append(d))
+    monkeypatch.setattr(sweep_local, "execute_run", fake)
+    monkeypatch.setattr(sweep_gather, "write_comparison", lambda d, log: calls["reports"].append(d))
     return calls
 
 
@@ -368,14 +374,14 @@ def test_real_sweep_plans_once_for_both_orderings(synthetic_tasks, planning_cach
 
     monkeypatch.setattr(planning.Workspace, "_link_training_cases", counting_link)
     plannings_after: list[int] = []
-    execute = sweep_mod._execute_run
+    execute = sweep_local.execute_run
 
     def spying_execute(experiment, run_dir, quiet):
         summary = execute(experiment, run_dir, quiet)
         plannings_after.append(len(plannings))
         return summary
 
-    monkeypatch.setattr(sweep_mod, "_execute_run", spying_execute)
+    monkeypatch.setattr(sweep_local, "execute_run", spying_execute)
     out = tmp_path / "sweep"
     spec = {"tasks": [str(p) for p in synthetic_tasks], "orderings": "reverse", "training": TINY, "device": "cpu",
             "cache_dir": str(planning_cache)}
@@ -408,7 +414,7 @@ class _FakeRay:
 
 
 def test_ray_resources_per_run(monkeypatch):
-    from lifelong_nnunet.sweep import _resources
+    from lifelong_nnunet.sweep.ray_backend import resources as _resources
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu_only = _FakeRay(CPU=2.0)
     assert _resources(cpu_only, 1, None, "auto", local=True) == {"num_cpus": 1, "num_gpus": 0}
@@ -425,12 +431,12 @@ def test_ray_resources_per_run(monkeypatch):
 
 def test_a_ray_run_without_a_gpu_stays_on_the_cpu(monkeypatch):
     seen = []
-    monkeypatch.setattr(sweep_mod, "_execute_run", lambda exp, run_dir, quiet: seen.append((exp["device"], quiet)))
+    monkeypatch.setattr(sweep_local, "execute_run", lambda exp, run_dir, quiet: seen.append((exp["device"], quiet)))
     threads = torch.get_num_threads()
     try:
-        sweep_mod._ray_task({"device": "auto"}, "x", 1, 0)
+        ray_backend.ray_task({"device": "auto"}, "x", 1, 0)
         assert torch.get_num_threads() == 1
-        sweep_mod._ray_task({"device": "auto"}, "x", 1, 1)
+        ray_backend.ray_task({"device": "auto"}, "x", 1, 1)
     finally:
         torch.set_num_threads(threads)
     assert seen == [("cpu", True), ("auto", True)]

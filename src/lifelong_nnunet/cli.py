@@ -19,6 +19,23 @@ data_app = typer.Typer(no_args_is_help=True, help="Build benchmark datasets in n
 app.add_typer(data_app, name="data")
 
 
+def _with_flags(data: dict, overrides: dict, epochs: int | None, iterations: int | None) -> dict:
+    """The spec's fields with the flags given on the command line put over them (``None``: flag not given);
+    ``--epochs`` and ``--iterations`` go into ``training``. Shared by `run` and `sweep`."""
+    data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    training = dict(data.get("training") or {})
+    if epochs is not None:
+        training["epochs"] = epochs
+    if iterations is not None:
+        training["iterations_per_epoch"] = iterations
+    data["training"] = training
+    return data
+
+
+def _folder_flag(path: Path | None) -> str | None:
+    return str(path) if path else None
+
+
 def _parse_params(items: list[str]) -> dict:
     import yaml
     params = {}
@@ -60,18 +77,12 @@ def run(
     else:
         raise UserInputError("Give an experiment YAML file or --tasks (e.g. `lifelong-nnunet run --tasks "
                              "Dataset011_A Dataset012_B --method sequential -o runs/seq`).")
-    overrides = {"tasks": tasks or None, "method": method, "scenario": scenario, "configuration": configuration,
-                 "seed": seed, "device": device, "raw_root": str(raw_root) if raw_root else None,
-                 "cache_dir": str(cache_dir) if cache_dir else None}
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data = _with_flags(data, {"tasks": tasks or None, "method": method, "scenario": scenario,
+                              "configuration": configuration, "seed": seed, "device": device,
+                              "raw_root": _folder_flag(raw_root), "cache_dir": _folder_flag(cache_dir)},
+                       epochs, iterations)
     if param:
         data["method_params"] = {**data.get("method_params", {}), **_parse_params(param)}
-    training = dict(data.get("training", {}))
-    if epochs is not None:
-        training["epochs"] = epochs
-    if iterations is not None:
-        training["iterations_per_epoch"] = iterations
-    data["training"] = training
     exp = experiment_from_dict(data, str(spec) if spec else "command line")
     run_experiment(exp, output, quiet=quiet)
 
@@ -128,19 +139,12 @@ def sweep(
     else:
         raise UserInputError("Give a sweep YAML file or --tasks (e.g. `lifelong-nnunet sweep --tasks Dataset011_A "
                              "Dataset012_B --methods sequential ewc --orderings reverse --seeds 2 -o runs/sweep`).")
-    overrides = {"tasks": tasks or None, "methods": methods or None, "orderings": orderings, "seeds": seeds,
-                 "max_orderings": max_orderings, "scenario": scenario, "configuration": configuration,
-                 "device": device, "raw_root": str(raw_root) if raw_root else None,
-                 "cache_dir": str(cache_dir) if cache_dir else None}
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data = _with_flags(data, {"tasks": tasks or None, "methods": methods or None, "orderings": orderings,
+                              "seeds": seeds, "max_orderings": max_orderings, "scenario": scenario,
+                              "configuration": configuration, "device": device, "raw_root": _folder_flag(raw_root),
+                              "cache_dir": _folder_flag(cache_dir)}, epochs, iterations)
     if methods:  # the YAML's parameters of methods left out by --methods no longer apply
         data["method_params"] = {m: p for m, p in (data.get("method_params") or {}).items() if m in methods}
-    training = dict(data.get("training") or {})
-    if epochs is not None:
-        training["epochs"] = epochs
-    if iterations is not None:
-        training["iterations_per_epoch"] = iterations
-    data["training"] = training
     sweep_spec = sweep_spec_from_dict(data, str(spec) if spec else "command line")
     run_sweep(sweep_spec, output, use_ray=ray, ray_address=ray_address, cpus_per_run=cpus_per_run,
               gpus_per_run=gpus_per_run, quiet=quiet, command=command_line())
@@ -156,12 +160,13 @@ def report(
                          "nsd or hd95 (default: the spec's evaluation.report_metric).")] = None,
 ) -> None:
     """Re-render summary.json, the figures and report.md from stored results (no retraining)."""
-    from .evaluation.metrics import DISPLAY_NAMES, UNITS
+    from .evaluation.metrics import metric_spec
     from .evaluation.summary import write_summary_and_report
+    from .run_folder import RunFolder
     summary = write_summary_and_report(run_dir, {"separate": separate, "joint": joint}, metric=metric)
-    m, value = summary["metric"], summary["final_average"]
-    shown = "undefined" if value is None else f"{value:.3f}" + (f" {UNITS[m]}" if UNITS.get(m) else "")
-    console.print(f"Final average {DISPLAY_NAMES.get(m, m)} {shown}. Report: {Path(run_dir) / 'report.md'}")
+    spec, value = metric_spec(summary["metric"]), summary["final_average"]
+    shown = "undefined" if value is None else f"{value:.3f}" + (f" {spec.unit}" if spec.unit else "")
+    console.print(f"Final average {spec.display} {shown}. Report: {RunFolder(run_dir).report}")
 
 
 @app.command()

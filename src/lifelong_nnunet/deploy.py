@@ -7,35 +7,30 @@ from pathlib import Path
 import torch
 
 from .errors import UserInputError
-from .io_utils import atomic_write, read_json, write_json
-from .runner import is_one_model_per_task, load_schedule
-
-
-def _stage_models(run_dir: Path) -> dict[int, Path]:
-    found = {int(p.parent.name.split("_")[1]): p for p in (run_dir / "stages").glob("stage_*/model.pt")}
-    return dict(sorted(found.items()))
+from .io_utils import atomic_write, write_json
+from .names import names_task
+from .run_folder import NnunetModelFolder, PredictionFolder, RunFolder, is_one_model_per_task, load_model
 
 
 def select_model(run_dir: Path, task: str | None = None) -> Path:
     """The model a run delivers: the last stage's, or for one-model-per-task methods the given task's."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "experiment.json").is_file():
-        raise UserInputError(f"{run_dir} is not a lifelong-nnunet run folder (experiment.json is missing). Give the "
-                             f"folder that 'lifelong-nnunet run -o' wrote.")
-    exp = read_json(run_dir / "experiment.json")
-    tasks = list(read_json(run_dir / "splits.json"))
-    schedule = load_schedule(run_dir)
+    run = RunFolder(Path(run_dir))
+    run_dir = run.root
+    run.require_run()
+    exp = run.read_experiment()
+    tasks = run.read_tasks()
+    schedule = run.read_schedule()
     separate = is_one_model_per_task(schedule)
-    models = _stage_models(run_dir)
+    models = run.stage_models()
     if task is not None:
-        matches = [s for s in schedule if any(t == task or t.split("_", 1)[-1] == task for t in s.train_tasks)]
+        matches = [s for s in schedule if any(names_task(t, task) for t in s.train_tasks)]
         if not matches:
             raise UserInputError(f"--task '{task}' is not a task of the run in {run_dir}; its tasks are "
                                  f"{', '.join(tasks)}.")
         index = matches[-1].index if separate else schedule[-1].index
     else:
         if separate:
-            raise UserInputError(f"The run in {run_dir} ('{exp['method']}') holds one specialist model per task; "
+            raise UserInputError(f"The run in {run_dir} ('{exp.method}') holds one specialist model per task; "
                                  f"choose one with --task (one of {', '.join(tasks)}).")
         index = schedule[-1].index
     if index not in models:
@@ -52,33 +47,32 @@ def load_network(run_dir: Path, model_path: Path, task: str | None = None):
 
 
 def _full_task_name(seen: list[str], task: str | None) -> str | None:
-    return next((t for t in seen if task in (t, t.split("_", 1)[-1])), task)
+    return next((t for t in seen if names_task(t, task)), task)
 
 
 def _load_run_network(run_dir: Path, model_path: Path):
     """The run's method and its whole network (all tasks' parts) with the stored weights."""
     from .methods import Method, create_method
     from .nnunet.trainer import build_network
-    exp = read_json(run_dir / "experiment.json")
-    plans, djson = read_json(run_dir / "plans.json"), read_json(run_dir / "dataset.json")
-    payload = torch.load(model_path, map_location="cpu", weights_only=True)
+    run = RunFolder(Path(run_dir))
+    exp = run.read_experiment()
+    plans, djson = run.read_plans(), run.read_dataset_json()
+    payload = load_model(model_path)
     try:
-        method = create_method(exp["method"], exp["method_params"])
+        method = create_method(exp.method, exp.method_params)
     except UserInputError:
         method = Method()  # not installed here: fine as long as the weights fit a plain nnU-Net network
-    if (run_dir / "labels.json").is_file():
-        from .labels import LabelSpace
-        method.labels = LabelSpace.from_dict(read_json(run_dir / "labels.json"))
-    method.load_state_dict(payload.get("method_state", {}))  # e.g. the architecture chosen for each task
-    seen = payload["info"].get("tasks_seen", [])
-    net = method.adapt_network(build_network(plans, exp["configuration"], djson, deep_supervision=False), seen)
+    method.labels = run.read_labels()
+    method.load_state_dict(payload["method_state"])  # e.g. the architecture chosen for each task
+    seen = payload["info"]["tasks_seen"]
+    net = method.adapt_network(build_network(plans, exp.configuration, djson, deep_supervision=False), seen)
     if method.labels is not None:
         from .runner import known_labels_json
         djson = known_labels_json(djson, method.labels, seen)
     try:
         net.load_state_dict(payload["network_weights"])
     except RuntimeError:
-        raise UserInputError(f"The weights in {model_path} do not fit the network of method '{exp['method']}'. "
+        raise UserInputError(f"The weights in {model_path} do not fit the network of method '{exp.method}'. "
                              f"Install the version of lifelong-nnunet that made this run.") from None
     return method, net, seen, plans, djson, exp
 
@@ -122,25 +116,25 @@ def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None =
     net = method.network_for_task(full_net, _full_task_name(seen, task))
     cases = find_inputs(input_dir, len(djson["channel_names"]), djson["file_ending"])
     dev = resolve_device(device)
-    seg = Segmenter(net, plans, exp["configuration"], djson, dev, mirroring)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    seg = Segmenter(net, plans, exp.configuration, djson, dev, mirroring)
+    output = PredictionFolder(Path(output_dir))
+    output.root.mkdir(parents=True, exist_ok=True)
     written = []
     # no --task and a method that picks a part of its network per image (e.g. one head per task): one choice per case
     choose, by_task, choices = getattr(method, "choose_task", None) if task is None else None, {}, {}
     for i, (case, files) in enumerate(sorted(cases.items())):
         image, props = seg.read(files)
         if choose is not None:
-            choices[case] = choose(full_net, lambda m: Segmenter(m, plans, exp["configuration"], djson, dev, mirroring)
+            choices[case] = choose(full_net, lambda m: Segmenter(m, plans, exp.configuration, djson, dev, mirroring)
                                    .predict_arrays(image, props, probabilities=True)[1], seen)
             if choices[case] not in by_task:
                 by_task[choices[case]] = Segmenter(method.network_for_task(full_net, choices[case]), plans,
-                                                   exp["configuration"], djson, dev, mirroring)
+                                                   exp.configuration, djson, dev, mirroring)
             seg = by_task[choices[case]]
-        out = output_dir / f"{case}{djson['file_ending']}"
+        out = output.label_map(case, djson["file_ending"])
         if probabilities:
             labels, probs = seg.predict_arrays(image, props, probabilities=True)
-            atomic_write(output_dir / f"{case}_probabilities.npz",
+            atomic_write(output.probabilities(case),
                          lambda tmp: np.savez_compressed(tmp, probabilities=probs.astype(np.float16),
                                                          labels=np.array(list(djson["labels"]))), suffix=".npz")
         else:
@@ -150,38 +144,39 @@ def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None =
         if progress:
             progress(i + 1, len(cases), case)
     if choices:
-        write_json(output_dir / "chosen_tasks.json", choices)
+        write_json(output.chosen_tasks, choices)
     return written
 
 
 def export_model_folder(run_dir: Path, output: Path, task: str | None = None) -> Path:
     """A stock nnU-Net v2 model folder (trainer ``nnUNetTrainer``) usable by nnUNetv2_predict_from_modelfolder."""
-    run_dir, output = Path(run_dir), Path(output)
-    model = select_model(run_dir, task)
-    exp = read_json(run_dir / "experiment.json")
-    plans, djson = read_json(run_dir / "plans.json"), read_json(run_dir / "dataset.json")
+    run, output = RunFolder(Path(run_dir)), Path(output)
+    model = select_model(run.root, task)
+    exp = run.read_experiment()
+    plans, djson = run.read_plans(), run.read_dataset_json()
     if output.exists() and any(output.iterdir()):
         raise UserInputError(f"{output} exists and is not empty. Export into a new folder.")
-    weights = load_network(run_dir, model, task)[0].state_dict()
+    weights = load_network(run.root, model, task)[0].state_dict()
     from .nnunet.trainer import build_network
-    if set(weights) != set(build_network(plans, exp["configuration"], djson).state_dict()):
-        raise UserInputError(f"The model of method '{exp['method']}' has parts per task and chooses between them per "
+    if set(weights) != set(build_network(plans, exp.configuration, djson).state_dict()):
+        raise UserInputError(f"The model of method '{exp.method}' has parts per task and chooses between them per "
                              f"image; a stock nnU-Net model holds one. Export one task's network with --task (one "
-                             f"of {', '.join(read_json(run_dir / 'splits.json'))}).")
-    patch = plans["configurations"][exp["configuration"]]["patch_size"]
+                             f"of {', '.join(run.read_tasks())}).")
+    patch = plans["configurations"][exp.configuration]["patch_size"]
     checkpoint = {
         "network_weights": weights,
         "optimizer_state": None,
         "grad_scaler_state": None,
         "logging": {},
         "_best_ema": None,
-        "current_epoch": exp["training"]["epochs"],
-        "init_args": {"plans": plans, "configuration": exp["configuration"], "fold": 0, "dataset_json": djson,
+        "current_epoch": exp.training.epochs,
+        "init_args": {"plans": plans, "configuration": exp.configuration, "fold": 0, "dataset_json": djson,
                       "device": "cpu"},
         "trainer_name": "nnUNetTrainer",
         "inference_allowed_mirroring_axes": tuple(range(len(patch))),
     }
-    write_json(output / "dataset.json", djson)
-    write_json(output / "plans.json", plans)
-    atomic_write(output / "fold_0" / "checkpoint_final.pth", lambda tmp: torch.save(checkpoint, tmp))
+    folder = NnunetModelFolder(output)
+    write_json(folder.dataset_json, djson)
+    write_json(folder.plans, plans)
+    atomic_write(folder.checkpoint(0), lambda tmp: torch.save(checkpoint, tmp))
     return output

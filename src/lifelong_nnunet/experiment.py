@@ -6,7 +6,6 @@ fall back to a default).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import yaml
 
 from .errors import UserInputError
+from .names import dataset_id_of
 
 SCENARIOS = ("domain", "class")
 CONFIGURATIONS = ("2d", "3d_fullres")
@@ -47,18 +47,6 @@ class Evaluation:
     nsd_tolerance_mm: float | dict[str, float] = 2.0
     report_metric: str = "dice"  # the metric of the report's headline, summary.json's top-level keys and plots
 
-    def identity(self) -> dict:
-        """As a dict, without the fields added after the first release while they hold their defaults: run
-        folders written before those fields existed keep their identity and still resume."""
-        d, default = asdict(self), asdict(Evaluation())
-        for name in _EVALUATION_FIELDS_ADDED:
-            if d[name] == default[name]:
-                d.pop(name)
-        return d
-
-
-_EVALUATION_FIELDS_ADDED = ("metrics", "nsd_tolerance_mm", "report_metric")
-
 
 @dataclass
 class Experiment:
@@ -81,14 +69,16 @@ class Experiment:
         return asdict(self)
 
     def identity(self) -> dict:
-        """The fields that define *what* is computed: a run folder may only be resumed with the same identity."""
+        """The fields that define *what* is computed: a run folder may only be resumed with the same identity.
+        (Folders whose experiment.json predates a field are read through ``run_folder.migrate``.)"""
         d = self.to_dict()
-        d["evaluation"] = self.evaluation.identity()
-        for k in ("device", "cache_dir", "raw_root"):
+        for k in NOT_IDENTITY:
             d.pop(k)
-        if d["plan_with"] is None:  # the default: run folders written before the field existed still resume
-            d.pop("plan_with")
         return d
+
+
+# where and how a run is computed, not what: may change when a run resumes
+NOT_IDENTITY = ("device", "cache_dir", "raw_root")
 
 
 def _build(cls, data: Any, where: str):
@@ -106,6 +96,12 @@ def _build(cls, data: Any, where: str):
         return cls(**kwargs)
     except TypeError as e:
         raise UserInputError(f"{where}: {e}. Fix the spec.") from None
+
+
+def stored_experiment(identity: dict, where: str) -> Experiment:
+    """The Experiment a run folder's experiment.json describes (its identity, every field present), checked for
+    its keys but not validated: a run made by a method that is not installed here must still report."""
+    return _build(Experiment, identity, where)
 
 
 def experiment_from_dict(data: dict, where: str = "spec") -> Experiment:
@@ -191,8 +187,8 @@ def task_id_of(spelling: str | int) -> int | str:
     text = str(spelling).strip().rstrip("/\\")
     if text.isdigit():
         return int(text)
-    match = re.match(r"Dataset(\d{3})_", Path(text).name)
-    return int(match.group(1)) if match else text
+    found = dataset_id_of(text)
+    return text if found is None else found
 
 
 def _validate_evaluation_metrics(ev: Evaluation, bad) -> None:

@@ -70,6 +70,7 @@ class LabelSpace:
 
     @classmethod
     def from_dict(cls, d: dict) -> LabelSpace:
-        return cls(d.get("scenario", "domain"), dict(d["ids"]), dict(d.get("introduced_by", {})),
-                   {t: {int(k): int(v) for k, v in m.items()} for t, m in d.get("task_maps", {}).items()},
-                   {t: dict(m) for t, m in d.get("task_labels", {}).items()})
+        """The inverse of ``to_dict`` (labels.json of older run folders is completed by ``run_folder.migrate``)."""
+        return cls(d["scenario"], dict(d["ids"]), dict(d["introduced_by"]),
+                   {t: {int(k): int(v) for k, v in m.items()} for t, m in d["task_maps"].items()},
+                   {t: dict(m) for t, m in d["task_labels"].items()})

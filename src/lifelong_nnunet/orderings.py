@@ -11,18 +11,16 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import UserInputError
+from .names import DATASET_RE, short_task_name
 
 ORDERING_KINDS = ("given", "reverse", "all")
 DEFAULT_MAX_ORDERINGS = 720  # 6 tasks: 6! = 720 orderings; 7 tasks would be 5040 runs per method and seed
 SHUFFLE_ALL_UP_TO = 8  # tasks; 8! = 40320 permutations are cheap to list, beyond that draw by rejection
 MAX_NAME_CHARS = 60  # longer joined short names fall back to dataset IDs, to keep folder names readable
-
-_DATASET_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
 
 
 @dataclass(frozen=True)
@@ -118,17 +116,11 @@ def _random_orders(tasks: tuple[str, ...], k: int, seed: int) -> list[tuple[str,
     return out
 
 
-def short_task_name(task: str) -> str:
-    """``Dataset011_HippoSiteA`` -> ``HippoSiteA`` (names not in nnU-Net's pattern are kept)."""
-    match = _DATASET_RE.match(task)
-    return match.group(2) if match else task
-
-
 def ordering_name(index: int, order: Sequence[str], given: Sequence[str]) -> str:
     """``o0-given`` for the given order, else ``o<index>-<short names joined by '-'>`` (dataset IDs when too long)."""
     if tuple(order) == tuple(given):
         return f"o{index}-given"
     label = "-".join(short_task_name(t) for t in order)
     if len(label) > MAX_NAME_CHARS:
-        label = "-".join((m.group(1) if (m := _DATASET_RE.match(t)) else t) for t in order)
+        label = "-".join((m.group(1) if (m := DATASET_RE.match(t)) else t) for t in order)
     return f"o{index}-{label}"

@@ -9,7 +9,6 @@ import contextlib
 import io
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,59 +18,20 @@ import torch
 from .console import RunLog, progress_bar
 from .errors import UserInputError
 from .experiment import Experiment
-from .io_utils import atomic_write, read_json, write_json
-from .methods import Method, Stage, create_method
+from .evaluation.summary import write_summary_and_report
 from .labels import LabelSpace
+from .methods import Method, Stage, create_method
+from .run_folder import NNUNET_FINAL_CHECKPOINT, RESULT_COLUMNS, RunFolder, load_model, load_schedule, save_model
 from .tasks import Task, check_case, check_sequence, load_task, make_test_split, resolve_task_folder
-
-RESULT_COLUMNS = ["stage", "trained_on", "eval_task", "case", "label", "metric", "value"]
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LIFELONG_NNUNET_CACHE", Path.home() / ".cache" / "lifelong-nnunet"))
 
 
-@dataclass
-class RunFolder:
-    """Paths inside a run folder (one experiment)."""
-    root: Path
-
-    @property
-    def spec(self) -> Path:
-        return self.root / "experiment.json"
-
-    @property
-    def splits(self) -> Path:
-        return self.root / "splits.json"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "run.log"
-
-    @property
-    def results(self) -> Path:
-        return self.root / "results.csv"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    @property
-    def schedule(self) -> Path:
-        return self.root / "schedule.json"
-
-    def stage_dir(self, index: int) -> Path:
-        return self.root / "stages" / f"stage_{index}"
-
-    def model(self, index: int) -> Path:
-        return self.stage_dir(index) / "model.pt"
-
-    def stage_eval(self, index: int) -> Path:
-        return self.stage_dir(index) / "eval.csv"
-
-
 def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], LabelSpace]:
-    """Every check on the spec, the data and the run folder. Writes nothing."""
+    """Every check on the spec, the data and the run folder. Writes no file (it resolves ``exp.tasks`` to folders
+    and sets each task's test cases, in memory)."""
     run = RunFolder(Path(run_dir))
     raw_root = exp.raw_root or os.environ.get("nnUNet_raw")
     tasks = [load_task(resolve_task_folder(t, Path(raw_root) if raw_root else None)) for t in exp.tasks]
@@ -80,7 +40,7 @@ def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], La
     if exp.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("device 'cuda' was requested but no CUDA GPU is visible. Use device 'auto' or 'cpu'.")
     if run.spec.is_file():
-        stored = read_json(run.spec)
+        stored = run.read_experiment().identity()
         if stored != exp.identity():
             diff = sorted(k for k in set(stored) | set(exp.identity()) if stored.get(k) != exp.identity().get(k))
             raise UserInputError(
@@ -88,8 +48,8 @@ def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], La
                 f"folder, or repeat the original command to resume that run.")
     elif run.root.exists() and any(run.root.iterdir()):
         raise UserInputError(f"{run.root} exists and is not empty, but holds no lifelong-nnunet run "
-                             f"(experiment.json is missing). Choose an empty or new output folder.")
-    stored_splits = read_json(run.splits) if run.splits.is_file() else {}
+                             f"({run.spec.name} is missing). Choose an empty or new output folder.")
+    stored_splits = run.read_splits() if run.splits.is_file() else {}
     total = sum(len(t.cases) for t in tasks)
     with progress_bar(log.quiet) as bar:
         job = bar.add_task("Checking data", total=total, info="")
@@ -104,7 +64,6 @@ def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], La
 
 def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = False) -> dict:
     """Run (or resume) an experiment into ``run_dir`` and return its summary."""
-    from .evaluation.summary import write_summary_and_report
     from .nnunet.planning import Workspace
 
     run = RunFolder(Path(run_dir).resolve())
@@ -119,13 +78,13 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = Fa
     stages = method.schedule([t.name for t in tasks])
     if run.summary.is_file() and all(run.stage_eval(s.index).is_file() for s in stages):
         log(f"Run in {run.root} is already complete; nothing to do. (Use 'lifelong-nnunet report' to re-render.)")
-        return read_json(run.summary)
+        return run.read_summary()
 
     log.path = run.log
-    write_json(run.spec, exp.identity())
-    write_json(run.splits, {t.name: t.test_cases for t in tasks})
-    write_json(run.schedule, [asdict(s) for s in stages])
-    write_json(run.root / "labels.json", labels.to_dict())
+    run.write_experiment(exp)
+    run.write_splits({t.name: t.test_cases for t in tasks})
+    run.write_schedule(stages)
+    run.write_labels(labels)
     log(f"Run {run.root}: method '{method.name}', {len(tasks)} task(s), {len(stages)} stage(s), "
         f"configuration {exp.configuration}")
 
@@ -133,8 +92,8 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = Fa
                           exp.configuration, plan_with=exp.plan_with)
     workspace.ensure_planned(log)
     plans = workspace.plans(workspace.plan_task)
-    write_json(run.root / "plans.json", plans)
-    write_json(run.root / "dataset.json", model_dataset_json(workspace.dataset_json(workspace.plan_task), labels))
+    run.write_plans(plans)
+    run.write_dataset_json(model_dataset_json(workspace.dataset_json(workspace.plan_task), labels))
 
     from .nnunet.env import resolve_device
     device = resolve_device(exp.device)
@@ -148,10 +107,10 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = Fa
             continue
         ctx.train(stage)
         ctx.evaluate(stage.index, stage.label)
-    results = pd.concat([pd.read_csv(run.stage_eval(i)) for i in [0] + [s.index for s in stages]])
-    atomic_write(run.results, lambda tmp: results.to_csv(tmp, index=False))
+    run.write_results(pd.concat([run.read_stage_eval(i) for i in [0] + [s.index for s in stages]]))
     summary = write_summary_and_report(run.root)
-    log(f"Done. Report: {run.root / 'report.md'}")
+    run.write_format()  # every record is now in the current format (see run_folder)
+    log(f"Done. Report: {run.report}")
     return summary
 
 
@@ -251,7 +210,7 @@ class StageContext:
     def stage_env(self, stage: Stage):
         """nnU-Net's folders for this stage; augmentation in the main process unless the user set workers
         (as fast as worker processes on 2 cores, measured, and seedable)."""
-        return self.workspace.env(results=self.run.stage_dir(stage.index) / "nnunet",
+        return self.workspace.env(results=self.run.nnunet_results(stage.index),
                                   nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0"))
 
     def build_stage_trainer(self, stage: Stage, epochs: int, on_epoch=None):
@@ -263,7 +222,7 @@ class StageContext:
         init_from = self.run.model(stage.index - 1 if stage.init == "previous" else 0)
         with contextlib.redirect_stdout(io.StringIO()):
             trainer = build_trainer(self.workspace.plans(first), exp.configuration, self.dataset_json, self.device,
-                                    resume=True, results_dir=self.run.stage_dir(stage.index) / "nnunet")
+                                    resume=True, results_dir=self.run.nnunet_results(stage.index))
             trainer.configure(sources=self.sources(stage), method=self.method, stage=stage, epochs=epochs,
                               iterations_per_epoch=t.iterations_per_epoch, val_iterations=t.val_iterations,
                               initial_lr=t.initial_lr, seed=exp.seed, batch_size=t.batch_size, on_epoch=on_epoch)
@@ -310,7 +269,7 @@ class StageContext:
                     "tasks_seen": self.tasks_trained_by(stage.index),
                     "train_seconds": time.time() - started, "epochs": epochs,
                     "iterations_per_epoch": t.iterations_per_epoch, **peak_memory_mb(self.device)})
-        final = Path(trainer.output_folder) / "checkpoint_final.pth"
+        final = Path(trainer.output_folder) / NNUNET_FINAL_CHECKPOINT
         final.unlink(missing_ok=True)  # model.pt holds the weights; the optimizer state is not needed any more
         self.log(f"Stage {stage.index} [{stage.label}] trained in {time.time() - started:.0f} s")
 
@@ -354,7 +313,7 @@ class StageContext:
                     bar.advance(job, 1)
                     bar.update(job, info=t.short_name)
         df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-        atomic_write(out, lambda tmp: df.to_csv(tmp, index=False))
+        self.run.write_stage_eval(index, df)
         mean = df[df.metric == "dice"].groupby("eval_task").value.mean()
         self.log(f"Stage {index} evaluated in {time.time() - started:.0f} s: "
                  + ", ".join(f"{self.by_name[k].short_name} Dice {v:.3f}" for k, v in mean.items()))
@@ -367,41 +326,3 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
-
-
-def load_schedule(run_dir: Path) -> list[Stage]:
-    """The stage plan stored with the run, so reports and predict work without the method's code."""
-    path = RunFolder(Path(run_dir)).schedule
-    if not path.is_file():
-        raise UserInputError(f"{path} is missing: {run_dir} is not a lifelong-nnunet run folder. Give the folder "
-                             f"that 'lifelong-nnunet run -o' wrote.")
-    return [Stage(s["index"], tuple(s["train_tasks"]), s["init"], s.get("budget", 1.0)) for s in read_json(path)]
-
-
-def is_one_model_per_task(schedule: list[Stage]) -> bool:
-    """`separate`-like plans: every stage restarts from the untrained model on one task."""
-    return len(schedule) > 1 and all(s.init == "initial" and len(s.train_tasks) == 1 for s in schedule)
-
-
-def save_model(path: Path, weights: dict, method_state: dict, info: dict | None = None) -> None:
-    payload = {"network_weights": {k: v.detach().cpu() for k, v in weights.items()},
-               "method_state": method_state, "info": info or {}}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-
-def stored_parameter_count(weights: dict) -> int:
-    """Learnable values in a stored ``network_weights``, each tensor counted once: nnU-Net registers every
-    convolution twice (``conv`` and ``all_modules.0``), so its state_dict lists the same storage under two keys."""
-    seen, total = set(), 0
-    for v in weights.values():
-        if not v.is_floating_point() or v.ndim == 0:
-            continue
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if key not in seen:
-            seen.add(key)
-            total += v.numel()
-    return total
-
-
-def load_model(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)

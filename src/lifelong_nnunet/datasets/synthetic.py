@@ -5,13 +5,13 @@ relative to site A, the textbook domain shift that makes plain sequential fine-t
 """
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from lifelong_nnunet.datasets.nnunet_raw import write_raw_dataset
+from lifelong_nnunet.datasets._common import site_letter, task_folder, write_raw_dataset
+from lifelong_nnunet.datasets._images import smooth_bias_field
 
 SYNTHETIC_LABELS = {"structure_a": 1, "structure_b": 2}
 MIN_STRUCTURE_VOXELS = 150
@@ -21,21 +21,6 @@ _FIXED_SITE_APPEARANCE = [
     (0.20, 0.80, 0.50, 0.05, 0.10),
     (0.30, 0.50, 0.80, 0.10, 0.25),
 ]
-
-
-def site_letter(index: int) -> str:
-    """A, B, ..., Z, then AA, AB, ... so any number of sites gets a readable name."""
-    letters = string.ascii_uppercase
-    return letters[index] if index < 26 else letters[index // 26 - 1] + letters[index % 26]
-
-
-def smooth_bias_field(shape: tuple[int, ...], rng: np.random.Generator, strength: float,
-                      control_points: int = 4) -> np.ndarray:
-    """Multiplicative MR-like bias field: exp of a cubic-upsampled coarse random grid, about 1 +/- strength."""
-    coarse = rng.standard_normal((control_points,) * len(shape))
-    field = ndi.zoom(coarse, [s / control_points for s in shape], order=3, mode="nearest")
-    field = field[tuple(slice(0, s) for s in shape)]
-    return np.exp(strength * field / max(float(np.abs(field).max()), 1e-6))
 
 
 def _ellipsoid_mask(shape: tuple[int, int, int], center: np.ndarray, radii: np.ndarray,
@@ -107,6 +92,6 @@ def build_synthetic_sites(root: Path, n_sites: int = 2, cases_per_site: int = 6,
         background, a, b, noise_std, bias = appearance
         description = (f"Synthetic site {letter} (seed {seed}): background {background:.2f}, structure_a {a:.2f}, "
                        f"structure_b {b:.2f}, noise std {noise_std:.2f}, bias field strength {bias:.2f}.")
-        folders.append(write_raw_dataset(Path(root) / f"Dataset{first_id + site_index:03d}_SynthSite{letter}",
+        folders.append(write_raw_dataset(task_folder(root, first_id + site_index, f"SynthSite{letter}"),
                                          cases, (1.0, 1.0, 1.0), SYNTHETIC_LABELS, description=description))
     return folders

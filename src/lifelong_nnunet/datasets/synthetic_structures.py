@@ -7,31 +7,26 @@ whether or not a dataset annotates it; each task's label map holds only its own 
 exercises the label registry's mapping by name. Cases come in "subjects" (a base layout) with several variants
 each, and ``dataset.json`` carries ``case_groups`` so the test split can hold out whole subjects.
 
-This module also holds :func:`write_structures_dataset`, the writer shared by the class-incremental builders
-(``brain-structures``, ``totalseg-ct``): real per-case geometry, ``case_groups``, lazy case generation.
+The writer shared by the class-incremental builders (real per-case geometry, ``case_groups``, lazy case
+generation) is ``_common.write_structures_dataset``.
 """
 from __future__ import annotations
 
-import json
-import re
-import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from lifelong_nnunet.datasets.nnunet_raw import FILE_ENDING, dataset_json, is_complete
-from lifelong_nnunet.datasets.synthetic import smooth_bias_field
+from lifelong_nnunet.datasets._common import (
+    Progress,
+    part_of,
+    stable_key,
+    task_folder,
+    write_structures_dataset,
+)
+from lifelong_nnunet.datasets._images import smooth_bias_field
 from lifelong_nnunet.errors import UserInputError
-from lifelong_nnunet.io_utils import atomic_directory
-
-# A case maker returns (image, label map, 4x4 voxel-to-world affine in RAS, nibabel's convention).
-CaseMaker = Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]]
-Progress = Callable[[int, int, str], None]
-
-CASE_GROUPS_KEY = "case_groups"
 
 # name -> (intensity, centre in units of the volume edge); every image shows all five.
 SYNTHETIC_STRUCTURES = {
@@ -49,89 +44,6 @@ SYNTHETIC_STRUCTURE_TASKS = {
 }
 SYNTHETIC_BACKGROUND = 0.2
 MIN_BLOB_VOXELS = 60
-
-
-def write_structures_dataset(folder: Path, plan: Sequence[tuple[str, str]], make_case: CaseMaker,
-                             labels: dict[str, int], *, channel_name: str = "MRI", description: str = "",
-                             extra_json: dict | None = None, progress: Progress | None = None) -> Path:
-    """Write an nnU-Net raw dataset whose cases are made one at a time, each with its own real geometry.
-
-    ``plan`` lists (case id, group) in order; ``make_case(i)`` builds case i only when it is needed, so an
-    existing complete dataset with the same ``dataset.json`` is kept without generating anything, and memory
-    holds one case at a time. The group of every case goes into ``dataset.json`` under ``case_groups``, a
-    lifelong-nnunet extension that nnU-Net ignores and ``tasks.make_test_split`` uses to hold out whole subjects.
-    Written into a temporary sibling and renamed, so an interrupted build leaves nothing half-written.
-    """
-    folder = Path(folder)
-    ids = [case_id for case_id, _ in plan]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{folder.name}: duplicate case ids in the plan")
-    expected = dataset_json(len(plan), labels, channel_name, description)
-    expected[CASE_GROUPS_KEY] = {case_id: str(group) for case_id, group in plan}
-    expected.update(extra_json or {})
-    if is_complete(folder, expected):
-        return folder
-    with atomic_directory(folder) as tmp:
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
-        for index, case_id in enumerate(ids):
-            image, label, affine = make_case(index)
-            if image.shape != label.shape:
-                raise ValueError(f"case {case_id}: image shape {image.shape} != label shape {label.shape}")
-            if label.max(initial=0) > max(labels.values()):
-                raise ValueError(f"case {case_id}: label value {label.max()} is not declared in {labels}")
-            for array, dtype, path in ((image, np.float32, tmp / "imagesTr" / f"{case_id}_0000{FILE_ENDING}"),
-                                       (label, np.uint8, tmp / "labelsTr" / f"{case_id}{FILE_ENDING}")):
-                nifti = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
-                nifti.set_qform(affine, code=1)  # scanner coordinates: readers that prefer the qform agree
-                nifti.set_sform(affine, code=1)
-                nib.save(nifti, path)
-            if progress is not None:
-                progress(index + 1, len(ids), case_id)
-        (tmp / "dataset.json").write_text(json.dumps(expected, indent=2) + "\n", encoding="utf-8")
-    return folder
-
-
-def check_task_names(builder: str, names: Sequence[str]) -> None:
-    """Task names become folder names (``Dataset021_Brain<Name>``) and case ids: letters, digits, underscores."""
-    for name in names:
-        if not re.fullmatch(r"[A-Za-z0-9_]+", str(name)):
-            raise UserInputError(f"{builder}: the task name {name!r} cannot be used in a dataset folder name. Use "
-                                 f"letters, digits and underscores only, e.g. 'basal_ganglia'.")
-
-
-def resolve_parts(builder: str, tasks, presets: Mapping[str, Sequence[str]], default: Sequence[str],
-                  known: Sequence[str], what: str, spelling: str) -> dict[str, tuple[str, ...]]:
-    """Task name -> structure names for a class-incremental builder: names of ``presets`` or a custom mapping
-    task -> structure names; every structure must be one of ``known``, used once (``what``/``spelling`` word the
-    error, e.g. "DK structure" / "as in the atlas")."""
-    if isinstance(tasks, str):
-        tasks = (tasks,)
-    if isinstance(tasks, Mapping):
-        resolved = {str(k): tuple(v) for k, v in tasks.items()}
-    else:
-        unknown = [t for t in tasks if t not in presets]
-        if unknown:
-            raise UserInputError(
-                f"{builder} has no task {unknown[0]!r}. Choose from {', '.join(presets)} (default: "
-                f"{', '.join(default)}), or pass a mapping of task name -> {what} names.")
-        resolved = {t: tuple(presets[t]) for t in tasks}
-    check_task_names(builder, list(resolved))
-    if not resolved or any(not v for v in resolved.values()):
-        raise UserInputError(f"{builder} needs at least one task, each with at least one {what}. Give task names "
-                             f"from {', '.join(presets)}.")
-    for task, names in resolved.items():
-        bad = [n for n in names if n not in known]
-        if bad or len(set(names)) != len(names):
-            raise UserInputError(
-                f"{builder} task {task!r}: {bad[0] if bad else 'a repeated ' + what} is not a usable {what} name. "
-                f"Use each name once, spelled {spelling}.")
-    return resolved
-
-
-def stable_key(text: str) -> int:
-    """A seed component that depends on a name only (not on the order of tasks), stable across Python runs."""
-    return zlib.crc32(text.encode("utf-8"))
 
 
 def _blob(shape: tuple[int, ...], centre: np.ndarray, radii: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -210,10 +122,9 @@ def build_synthetic_structures(root: Path, *, tasks: Sequence[str] = tuple(SYNTH
                        f"{' and '.join(own)}, everything else is background. {subjects} subjects x {variants} "
                        f"variants; case_groups names the subject of each case.")
         folders.append(write_structures_dataset(
-            Path(root) / f"Dataset{first_id + position:03d}_SynthStruct{task}",
+            task_folder(root, first_id + position, f"SynthStruct{task}"),
             plan, make_case, {name: value for value, name in enumerate(own, start=1)}, description=description,
             extra_json={"lifelong_nnunet_build": {"builder": "synthetic-structures", "seed": seed,
                                                   "subjects": subjects, "variants": variants, "shape": list(shape)}},
-            progress=None if progress is None else
-            (lambda i, n, case_id, offset=position * per_task: progress(offset + i, len(tasks) * per_task, case_id))))
+            progress=part_of(progress, position * per_task, len(tasks) * per_task)))
     return folders

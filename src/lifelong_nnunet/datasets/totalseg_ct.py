@@ -17,8 +17,6 @@ out a whole scan and no crop of a test scan is ever trained on. A demonstration 
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -29,19 +27,23 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from lifelong_nnunet.datasets.brain_structures import (
-    Deformation,
+from lifelong_nnunet.datasets._common import (
+    Progress,
+    cache_dir_for,
     camel,
+    part_of,
+    pip_download,
+    resolve_parts,
+    stable_key,
+    task_folder,
+    write_structures_dataset,
+)
+from lifelong_nnunet.datasets._images import (
+    Deformation,
     majority_labels,
     output_affine,
     subvoxel_offsets,
     warp_points,
-)
-from lifelong_nnunet.datasets.synthetic_structures import (
-    Progress,
-    resolve_parts,
-    stable_key,
-    write_structures_dataset,
 )
 from lifelong_nnunet.errors import UserInputError
 from lifelong_nnunet.io_utils import atomic_directory
@@ -76,7 +78,7 @@ MIN_TASK_FRACTION = 0.5  # a crop must hold at least this share of the scan's vo
 
 
 def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "lifelong-nnunet" / "totalsegmentator"
+    return cache_dir_for("totalsegmentator")
 
 
 def fetch_totalseg_data(cache_dir: Path | None = None) -> Path:
@@ -88,27 +90,14 @@ def fetch_totalseg_data(cache_dir: Path | None = None) -> Path:
     extracted = cache_dir / f"totalsegmentator-{TOTALSEG_VERSION}-examples"
     if (extracted / CLASS_MAP_MEMBER).is_file():
         return extracted
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    pattern = f"[tT]otal[sS]egmentator-{TOTALSEG_VERSION}.tar.gz"
-    archives = sorted(cache_dir.glob(pattern))
-    if not archives:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   f"totalsegmentator=={TOTALSEG_VERSION}", "-d", str(cache_dir)]
-        try:
-            result = subprocess.run(command, check=False, capture_output=True, text=True)
-            output_lines = (result.stderr or result.stdout).strip().splitlines()
-            detail = output_lines[-1] if output_lines else f"exit code {result.returncode}"
-        except OSError as exc:
-            detail = str(exc)
-        archives = sorted(cache_dir.glob(pattern))
-        if not archives:
-            raise UserInputError(
-                f"The totalseg-ct benchmark needs the TotalSegmentator {TOTALSEG_VERSION} source distribution from "
-                f"PyPI (its test files hold the example CTs), but `{' '.join(command)}` failed ({detail}). Check "
-                f"that this machine can reach PyPI (or put totalsegmentator-{TOTALSEG_VERSION}.tar.gz into "
-                f"{cache_dir} by hand), or use the fully offline `synthetic-structures` builder instead.")
+    sdist = pip_download(f"totalsegmentator=={TOTALSEG_VERSION}", f"[tT]otal[sS]egmentator-{TOTALSEG_VERSION}.tar.gz",
+                         cache_dir, builder="totalseg-ct",
+                         what=f"the TotalSegmentator {TOTALSEG_VERSION} source distribution",
+                         why="its test files hold the example CTs",
+                         by_hand=f"totalsegmentator-{TOTALSEG_VERSION}.tar.gz", offline="synthetic-structures",
+                         pip_args=("--no-binary", ":all:"))
     wanted = [CLASS_MAP_MEMBER, LICENSE_MEMBER] + [p for pair in TOTALSEG_SCANS.values() for p in pair]
-    with atomic_directory(extracted) as tmp, tarfile.open(archives[0]) as archive:
+    with atomic_directory(extracted) as tmp, tarfile.open(sdist) as archive:
         for member in archive.getmembers():
             relative = member.name.split("/", 1)[1] if "/" in member.name else ""
             if member.isfile() and any(relative == w or relative.startswith(w + "/") for w in wanted):
@@ -119,7 +108,7 @@ def fetch_totalseg_data(cache_dir: Path | None = None) -> Path:
                 target.write_bytes(archive.extractfile(member).read())
         missing = [w for w in wanted if not (tmp / w).exists()]
         if missing:
-            raise UserInputError(f"{archives[0]} lacks {missing[0]}: not the expected TotalSegmentator "
+            raise UserInputError(f"{sdist} lacks {missing[0]}: not the expected TotalSegmentator "
                                  f"{TOTALSEG_VERSION} sdist. Delete it so the next build downloads it again.")
     return extracted
 
@@ -270,10 +259,6 @@ def build_totalseg_ct(root: Path, *, tasks: Sequence[str] | Mapping[str, Sequenc
             rng = np.random.default_rng([seed, stable_key(task), stable_key(scan_name), index % variants])
             return make_ct_case(scans[scan_name], task_lookup, float(spacing_mm), deformation, rng)
 
-        def report(i: int, n: int, case_id: str, offset: int = position * len(plan)) -> None:
-            if progress is not None:
-                progress(offset + i, total, case_id)
-
         description = (
             f"CT class-incremental task '{task}' (lifelong-nnunet totalseg-ct, seed {seed}): labels ONLY "
             f"{', '.join(names)}; every other structure is background. TINY DEMONSTRATION: all cases are crops "
@@ -289,7 +274,7 @@ def build_totalseg_ct(root: Path, *, tasks: Sequence[str] | Mapping[str, Sequenc
                  "lifelong_nnunet_build": {"builder": "totalseg-ct", "seed": seed, "variants": variants,
                                            "spacing_mm": float(spacing_mm), "deformation": asdict(deformation)}}
         folders.append(write_structures_dataset(
-            Path(root) / f"Dataset{first_id + position:03d}_CT{camel(task)}", plan, make_case,
+            task_folder(root, first_id + position, f"CT{camel(task)}"), plan, make_case,
             {name: value for value, name in enumerate(names, start=1)}, channel_name="CT",
-            description=description, extra_json=extra, progress=report))
+            description=description, extra_json=extra, progress=part_of(progress, position * len(plan), total)))
     return folders

@@ -70,11 +70,11 @@ def continual_metrics(R: np.ndarray, higher_is_better: bool = True) -> dict:
         return oriented[i, j - 1]
 
     forgetting = (
-        [_num(np.max([o(i, j) for i in range(j, T)]) - o(T, j)) for j in range(1, T)] if T > 1 else None
+        [none_if_nan(np.max([o(i, j) for i in range(j, T)]) - o(T, j)) for j in range(1, T)] if T > 1 else None
     )
     return {
         "n_tasks": T,
-        "final_per_task": [_num(a(T, j)) for j in range(1, T + 1)],
+        "final_per_task": [none_if_nan(a(T, j)) for j in range(1, T + 1)],
         "final_average": _mean(a(T, j) for j in range(1, T + 1)),
         "plasticity": _mean(a(j, j) for j in range(1, T + 1)),
         "bwt": _mean(o(T, j) - o(j, j) for j in range(1, T)) if T > 1 else None,
@@ -97,17 +97,18 @@ def reference_gaps(
     """
     sign = 1.0 if higher_is_better else -1.0
     per_task = {
-        task: _num(sign * (_f(value) - _f(separate.get(task)))) if separate is not None else None
+        task: none_if_nan(sign * (nan_if_none(value) - nan_if_none(separate.get(task))))
+        if separate is not None else None
         for task, value in R_final.items()
     }
-    final_average = _mean(_f(v) for v in R_final.values())
+    final_average = _mean(nan_if_none(v) for v in R_final.values())
     return {
         "vs_separate": per_task,
         "mean_vs_separate": _mean(math.nan if g is None else g for g in per_task.values()),
         "final_average": final_average,
         "vs_joint": (
-            _num(sign * (final_average - joint_final_average))
-            if final_average is not None and _num(joint_final_average) is not None
+            none_if_nan(sign * (final_average - joint_final_average))
+            if final_average is not None and none_if_nan(joint_final_average) is not None
             else None
         ),
     }
@@ -124,15 +125,16 @@ def undefined_counts(results: pd.DataFrame, tasks: list[str], metric: str) -> pd
     return U
 
 
-def _f(value: float | None) -> float:
-    return math.nan if value is None else float(value)
-
-
-def _num(value: float | None) -> float | None:
-    """A python float, or None for an undefined value (None / NaN)."""
+def none_if_nan(value: float | None) -> float | None:
+    """A python float, or None for an undefined value (None or NaN): what JSON summaries hold."""
     return None if value is None or math.isnan(value) else float(value)
+
+
+def nan_if_none(value: float | None) -> float:
+    """A python float, NaN for an undefined value (None): what arithmetic and pandas columns need."""
+    return math.nan if value is None else float(value)
 
 
 def _mean(values: Iterable[float]) -> float | None:
     values = list(values)
-    return _num(float(np.mean(values))) if values else None
+    return none_if_nan(float(np.mean(values))) if values else None

@@ -9,23 +9,55 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..errors import UserInputError
 
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What the rest of the code needs to know about a metric, in one place: its display name, its direction
+    (continual metrics such as forgetting, BWT and FWT are oriented with it, see continual.py), its unit ("" for
+    unitless metrics, which lie in 0..1 so plots use a fixed scale) and whether it measures distances (and so needs
+    the voxel spacing)."""
+    name: str
+    display: str
+    higher_is_better: bool = True
+    unit: str = ""
+    boundary: bool = False
+
+    @property
+    def bounded(self) -> bool:
+        """Lies in 0..1 (a fixed plot scale compares runs by eye)."""
+        return not self.unit
+
+    @property
+    def label(self) -> str:
+        """``HD95 (mm)``: the display name with its unit, for table rows and axes."""
+        return self.display + (f" ({self.unit})" if self.unit else "")
+
+
 # Every metric score_case can compute, in the order its rows come out.
-METRICS = ("dice", "iou", "nsd", "hd95")
-# Metrics that measure distances and therefore need the voxel spacing.
-BOUNDARY_METRICS = ("nsd", "hd95")
-# Direction of each metric: continual metrics (forgetting, BWT, FWT) are oriented with it, see continual.py.
-HIGHER_IS_BETTER = {"dice": True, "iou": True, "nsd": True, "hd95": False}
-# How reports and plots name a metric.
-DISPLAY_NAMES = {"dice": "Dice", "iou": "IoU", "nsd": "NSD", "hd95": "HD95"}
-# Unit of a metric; unitless ones lie in 0..1 (plots use a fixed scale for those).
-UNITS = {"dice": "", "iou": "", "nsd": "", "hd95": "mm"}
+METRIC_SPECS = {spec.name: spec for spec in (
+    MetricSpec("dice", "Dice"),
+    MetricSpec("iou", "IoU"),
+    MetricSpec("nsd", "NSD", boundary=True),
+    MetricSpec("hd95", "HD95", higher_is_better=False, unit="mm", boundary=True),
+)}
+METRICS = tuple(METRIC_SPECS)
+BOUNDARY_METRICS = tuple(m for m, spec in METRIC_SPECS.items() if spec.boundary)
+# Distances a results.csv written elsewhere may hold without a spec here: lower is better.
+_OTHER_DISTANCES = ("hd", "assd", "asd", "masd")
 DEFAULT_NSD_TOLERANCE_MM = 2.0
+
+
+def metric_spec(name: str) -> MetricSpec:
+    """The spec of ``name``; a metric this version does not compute (a results.csv or summary from elsewhere) is
+    shown under its own name, lower-is-better when it is a known distance."""
+    return METRIC_SPECS.get(name) or MetricSpec(name, name, higher_is_better=name not in _OTHER_DISTANCES)
 
 
 def score_case(

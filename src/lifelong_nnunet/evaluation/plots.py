@@ -47,7 +47,7 @@ def plot_result_matrix(
     n_rows, n_cols = values.shape
     if vmax is None:
         vmax = float(np.nanmax(values)) if np.isfinite(values).any() and np.nanmax(values) > 0 else 1.0
-    fig = _figure(max(4.0, 1.3 * n_cols + 3.0), max(2.5, 0.5 * n_rows + 1.5))
+    fig = new_figure(max(4.0, 1.3 * n_cols + 3.0), max(2.5, 0.5 * n_rows + 1.5))
     ax = fig.add_subplot()
     cmap: Colormap = matplotlib.colormaps["viridis" if higher_is_better else "viridis_r"]
     cmap = cmap.with_extremes(bad="lightgrey")
@@ -81,7 +81,7 @@ def plot_task_curves(
     to the data (a metric in mm)."""
     labels = row_labels if row_labels is not None else _default_row_labels(R)
     x = np.arange(len(R.index))
-    fig = _figure(max(5.0, 1.1 * len(x) + 2.0), 3.8)
+    fig = new_figure(max(5.0, 1.1 * len(x) + 2.0), 3.8)
     ax = fig.add_subplot()
     for task in R.columns:
         (line,) = ax.plot(x, R[task].to_numpy(dtype=float), marker="o", label=str(task))
@@ -113,7 +113,7 @@ def plot_method_comparison(summaries: dict[str, dict], path: str | os.PathLike) 
     methods = list(summaries)
     width = 0.8 / max(1, len(methods))
     x = np.arange(len(groups))
-    fig = _figure(max(5.0, 1.2 * len(groups) + 2.0), 4.0)
+    fig = new_figure(max(5.0, 1.2 * len(groups) + 2.0), 4.0)
     ax = fig.add_subplot()
     for k, method in enumerate(methods):
         s = summaries[method]
@@ -138,7 +138,8 @@ def _default_row_labels(R: pd.DataFrame) -> list[str]:
     return ["before training" if s == 0 else f"after stage {s}" for s in R.index]
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """A figure on the Agg canvas (no pyplot state, no display), laid out by constrained layout."""
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig

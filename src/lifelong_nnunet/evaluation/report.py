@@ -11,7 +11,7 @@ import math
 
 import pandas as pd
 
-from .metrics import DISPLAY_NAMES, HIGHER_IS_BETTER, UNITS
+from .metrics import metric_spec
 
 UNDEFINED = "—"
 
@@ -38,8 +38,8 @@ def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], image
     figures (``images`` maps a caption to a path relative to the report)."""
     tasks = list(summary.get("tasks") or R.columns)
     metric = summary.get("metric", "dice")
-    name = DISPLAY_NAMES.get(metric, metric)
-    unit = f" ({UNITS[metric]})" if UNITS.get(metric) else ""
+    spec = metric_spec(metric)
+    name, unit = spec.display, f" ({spec.unit})" if spec.unit else ""
     head = (summary.get("by_metric") or {}).get(metric, {})
     lines = [f"# {summary.get('title') or 'Continual run: ' + str(summary.get('method', '?'))}", ""]
     lines += [f"- **Method:** {summary.get('method', UNDEFINED)}"]
@@ -81,7 +81,7 @@ def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], image
         keys = [k for k, _, _ in CONTINUAL_METRICS]
         lines += _table(
             ["metric"] + [h for _, h, _ in CONTINUAL_METRICS] + [f"final {c}" for c in R.columns] + ["undefined"],
-            [[_label(m)] + [_fmt(entry.get(k)) for k in keys]
+            [[metric_spec(m).label] + [_fmt(entry.get(k)) for k in keys]
              + [_fmt(v) for v in (entry.get("final_per_task") or [None] * len(tasks))]
              + [str(entry.get("n_undefined", 0))]
              for m, entry in by_metric.items()],
@@ -107,7 +107,7 @@ def render_comparison_markdown(rows: dict[str, dict], images: dict[str, str]) ->
     for summary in rows.values():
         tasks += [t for t in summary.get("tasks", []) if t not in tasks]
     metric = next((s["metric"] for s in rows.values() if s.get("metric")), "dice")
-    meanings = _meanings(metric, HIGHER_IS_BETTER.get(metric, True))
+    meanings = _meanings(metric, metric_spec(metric).higher_is_better)
     header = ["method"] + [heading for _, heading, _ in meanings] + [f"final {t}" for t in tasks]
     body = []
     for name, summary in rows.items():
@@ -125,13 +125,9 @@ def render_comparison_markdown(rows: dict[str, dict], images: dict[str, str]) ->
 
 def _meanings(metric: str, higher_is_better: bool) -> list[tuple[str, str, str]]:
     """CONTINUAL_METRICS with the metric's name filled in, and the sign-flipped meanings where lower is better."""
-    m = DISPLAY_NAMES.get(metric, metric)
+    m = metric_spec(metric).display
     flipped = {} if higher_is_better else LOWER_IS_BETTER_MEANINGS
     return [(key, heading, flipped.get(key, meaning).format(m=m)) for key, heading, meaning in CONTINUAL_METRICS]
-
-
-def _label(metric: str) -> str:
-    return DISPLAY_NAMES.get(metric, metric) + (f" ({UNITS[metric]})" if UNITS.get(metric) else "")
 
 
 def _fmt(value: object) -> str:

@@ -4,37 +4,32 @@ Re-rendering never retrains: it reads results.csv, experiment.json and the stage
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from ..errors import UserInputError
-from ..io_utils import read_json, write_json, write_text
-from ..runner import is_one_model_per_task, load_schedule
+from ..experiment import Experiment
+from ..names import short_task_name
+from ..run_folder import RunFolder, is_one_model_per_task
 from .continual import (
     continual_metrics,
+    none_if_nan,
     reference_gaps,
     result_matrix,
     stage_labels,
     undefined_counts,
 )
-from .metrics import DISPLAY_NAMES, HIGHER_IS_BETTER, METRICS, UNITS
+from .metrics import METRICS, metric_spec
 from .plots import plot_result_matrix, plot_task_curves
 from .report import render_markdown
 
 
-def load_run(run_dir: Path) -> tuple[dict, list[str], pd.DataFrame]:
-    run_dir = Path(run_dir)
-    for name in ("experiment.json", "splits.json", "results.csv"):
-        if not (run_dir / name).is_file():
-            raise UserInputError(f"{run_dir / name} is missing: {run_dir} is not a finished lifelong-nnunet run. "
-                                 f"Run 'lifelong-nnunet run' into it first (a killed run resumes with the same "
-                                 f"command).")
-    exp = read_json(run_dir / "experiment.json")
-    tasks = list(read_json(run_dir / "splits.json"))
-    return exp, tasks, pd.read_csv(run_dir / "results.csv")
+def load_run(run_dir: Path) -> tuple[Experiment, list[str], pd.DataFrame]:
+    """A finished run's experiment, its tasks in training order and its results."""
+    run = RunFolder(Path(run_dir))
+    run.require_finished()
+    return run.read_experiment(), run.read_tasks(), run.read_results()
 
 
 # The per-metric keys of a summary, as ``continual_metrics`` returns them; summary.json's top level holds them for
@@ -49,12 +44,6 @@ def stored_metrics(results: pd.DataFrame) -> list[str]:
     return [m for m in METRICS if m in present] + sorted(present - set(METRICS))
 
 
-def report_metric_of(exp: dict) -> str:
-    """The spec's headline metric; "dice" for runs written before evaluation.report_metric existed (or left at
-    its default, which the run identity omits)."""
-    return (exp.get("evaluation") or {}).get("report_metric", "dice")
-
-
 def summarize(run_dir: Path, metric: str | None = None) -> dict:
     """The run's result matrix and metrics. ``final_per_task`` is what the run delivers per task: the last
     model for chained methods, each task's own specialist for `separate`.
@@ -62,22 +51,22 @@ def summarize(run_dir: Path, metric: str | None = None) -> dict:
     The top-level keys describe ``metric`` (default: the spec's report_metric) exactly as before metrics other
     than Dice existed; ``by_metric`` holds the same keys for every metric in results.csv, plus its direction and
     how many scores were undefined (NaN) and left out."""
-    run_dir = Path(run_dir)
-    exp, tasks, results = load_run(run_dir)
+    run = RunFolder(Path(run_dir))
+    exp, tasks, results = load_run(run.root)
     metrics = stored_metrics(results)
-    metric = metric or report_metric_of(exp)
+    metric = metric or exp.evaluation.report_metric
     if metric not in metrics:
-        raise UserInputError(f"{run_dir / 'results.csv'} holds no '{metric}' scores (it has: {', '.join(metrics)}). "
+        raise UserInputError(f"{run.results} holds no '{metric}' scores (it has: {', '.join(metrics)}). "
                              f"Pick one of those; a metric left out of evaluation.metrics needs a new run.")
-    schedule = load_schedule(run_dir)
+    schedule = run.read_schedule()
     chained = all(len(s.train_tasks) == 1 for s in schedule) and all(s.init == "previous" for s in schedule[1:])
     by_metric = {m: _metric_summary(results, tasks, m, schedule, chained) for m in metrics}
     head = by_metric[metric]
-    summary: dict = {"method": exp["method"], "scenario": exp["scenario"], "tasks": tasks, "metric": metric,
+    summary: dict = {"method": exp.method, "scenario": exp.scenario, "tasks": tasks, "metric": metric,
                      "R": head["R"], "stage_labels": stage_labels(results)}
     summary.update({k: head[k] for k in CONTINUAL_KEYS})
-    infos = [torch.load(p, map_location="cpu", weights_only=True)["info"]
-             for p in (run_dir / "stages" / f"stage_{s.index}" / "model.pt" for s in schedule) if p.is_file()]
+    infos = [model["info"] for model in run.trained_models(schedule).values()]
+    # optional info keys: stage 0 trained nothing, and peak GPU memory exists on CUDA only
     summary["train_seconds"] = sum(i.get("train_seconds", 0.0) for i in infos)
     for key in ("peak_rss_mb", "peak_gpu_mb"):
         values = [i[key] for i in infos if key in i]
@@ -89,7 +78,8 @@ def summarize(run_dir: Path, metric: str | None = None) -> dict:
 def _metric_summary(results: pd.DataFrame, tasks: list[str], metric: str, schedule: list, chained: bool) -> dict:
     """R and its continual metrics for one metric, oriented by its direction (see ``continual_metrics``)."""
     arr = result_matrix(results, tasks, metric).to_numpy(dtype=float)
-    higher = HIGHER_IS_BETTER.get(metric, True)
+    spec = metric_spec(metric)
+    higher = spec.higher_is_better
     if chained and arr.shape == (len(tasks) + 1, len(tasks)):
         values = continual_metrics(arr, higher_is_better=higher)
     else:
@@ -97,11 +87,11 @@ def _metric_summary(results: pd.DataFrame, tasks: list[str], metric: str, schedu
             final = [float(arr[i + 1, i]) for i in range(len(tasks))]
         else:
             final = [float(v) for v in arr[-1]]
-        values = {"n_tasks": len(tasks), "final_per_task": [_num(v) for v in final],
-                  "final_average": _num(sum(final) / len(final)), "plasticity": None, "bwt": None, "fwt": None,
+        values = {"n_tasks": len(tasks), "final_per_task": [none_if_nan(v) for v in final],
+                  "final_average": none_if_nan(sum(final) / len(final)), "plasticity": None, "bwt": None, "fwt": None,
                   "forgetting": None, "mean_forgetting": None}
     undefined = undefined_counts(results, tasks, metric).to_numpy()
-    return {"R": arr.tolist(), "higher_is_better": higher, "unit": UNITS.get(metric, ""), **values,
+    return {"R": arr.tolist(), "higher_is_better": higher, "unit": spec.unit, **values,
             "n_undefined": int(undefined.sum()), "undefined": undefined.tolist()}
 
 
@@ -109,8 +99,8 @@ def write_summary_and_report(run_dir: Path, references: dict[str, Path] | None =
                              metric: str | None = None) -> dict:
     """Write summary.json, figures/*.png and report.md. ``references`` may name `separate` and `joint` runs;
     ``metric`` picks the headline metric (default: the spec's report_metric, else Dice)."""
-    run_dir = Path(run_dir)
-    summary = summarize(run_dir, metric)
+    run = RunFolder(Path(run_dir))
+    summary = summarize(run.root, metric)
     metric = summary["metric"]
     refs = {k: summarize(Path(v)) for k, v in (references or {}).items() if v}
     if refs:
@@ -118,29 +108,29 @@ def write_summary_and_report(run_dir: Path, references: dict[str, Path] | None =
             entry["reference_gaps"] = _gaps(summary["tasks"], entry, refs, m)
         summary["reference_gaps"] = summary["by_metric"][metric]["reference_gaps"]
         summary["references"] = {k: str(Path(v).resolve()) for k, v in references.items() if v}
-    _, tasks, results = load_run(run_dir)
+    _, tasks, results = load_run(run.root)
     R = result_matrix(results, tasks, metric)
-    short = [_short(t) for t in tasks]
+    short = [short_task_name(t) for t in tasks]
     R_show = R.rename(columns=dict(zip(tasks, short)))
-    labels = ["after " + "+".join(_short(p) for p in lbl[6:].split("+")) if lbl.startswith("after ") else lbl
-              for lbl in summary["stage_labels"]]
-    name, higher = DISPLAY_NAMES.get(metric, metric), HIGHER_IS_BETTER.get(metric, True)
-    bounded = not UNITS.get(metric)  # Dice, IoU, NSD lie in 0..1: a fixed scale compares runs by eye
-    axis = f"mean foreground {name}" + ("" if bounded else f" ({UNITS[metric]})")
+    labels = ["after " + "+".join(short_task_name(p) for p in lbl[6:].split("+")) if lbl.startswith("after ")
+              else lbl for lbl in summary["stage_labels"]]
+    spec = metric_spec(metric)
+    name, higher = spec.display, spec.higher_is_better
+    axis = f"mean foreground {name}" + ("" if spec.bounded else f" ({spec.unit})")
     axis += "" if higher else ", lower = better"
-    figures = run_dir / "figures"
-    plot_result_matrix(R_show, figures / "result_matrix.png", f"{summary['method']}: mean {name} R[stage][task]",
-                       row_labels=labels, value_label=axis, vmax=1.0 if bounded else None, higher_is_better=higher)
+    plot_result_matrix(R_show, run.result_matrix_figure, f"{summary['method']}: mean {name} R[stage][task]",
+                       row_labels=labels, value_label=axis, vmax=1.0 if spec.bounded else None,
+                       higher_is_better=higher)
     trained = {short[tasks.index(t)]: i for i, lbl in enumerate(summary["stage_labels"]) for t in tasks
                if lbl == f"after {t}"}
-    plot_task_curves(R_show, figures / "task_curves.png", labels, trained_stage=trained,
+    plot_task_curves(R_show, run.task_curves_figure, labels, trained_stage=trained,
                      title=f"{name} per task over the training sequence", ylabel=axis,
-                     ylim=(0.0, 1.02) if bounded else None)
+                     ylim=(0.0, 1.02) if spec.bounded else None)
     summary["title"] = f"lifelong-nnunet run: {summary['method']}"
-    write_json(run_dir / "summary.json", summary)
-    md = render_markdown(summary, R_show, labels, {"Result matrix": "figures/result_matrix.png",
-                                                   f"{name} per task over stages": "figures/task_curves.png"})
-    write_text(run_dir / "report.md", md)
+    run.write_summary(summary)
+    run.write_report(render_markdown(summary, R_show, labels, {
+        "Result matrix": run.relative(run.result_matrix_figure),
+        f"{name} per task over stages": run.relative(run.task_curves_figure)}))
     return summary
 
 
@@ -151,12 +141,3 @@ def _gaps(tasks: list[str], entry: dict, refs: dict[str, dict], metric: str) -> 
     return reference_gaps(dict(zip(tasks, entry["final_per_task"])),
                           dict(zip(refs["separate"]["tasks"], separate["final_per_task"])) if separate else None,
                           joint["final_average"] if joint else None, entry["higher_is_better"])
-
-
-def _num(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
-
-
-def _short(task: str) -> str:
-    """Dataset011_HippoSiteA -> HippoSiteA, for plot labels."""
-    return task.split("_", 1)[-1] if task.startswith("Dataset") else task

@@ -21,21 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserInputError
+from ..networks.multihead import unwrap
 from .base import Method, Stage
 
 
 # ---- networks -----------------------------------------------------------------------------------------------------
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(network, "_orig_mod"):
-            network = network._orig_mod
-        elif isinstance(network, torch.nn.parallel.DistributedDataParallel):
-            network = network.module
-        else:
-            return network
-
-
 def snapshot_teacher(network: torch.nn.Module) -> torch.nn.Module:
     """A frozen copy of ``network``: deep copy, ``eval()``, ``requires_grad_(False)``, no gradients carried over.
 

@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .distillation import DistillationMethod, as_list, unwrap, weighted_over_outputs
+from ..networks.multihead import unwrap
+from .distillation import DistillationMethod, as_list, weighted_over_outputs
 
 
 def _merge_background(log_probs: torch.Tensor, merged: Sequence[int], background: int) -> torch.Tensor:

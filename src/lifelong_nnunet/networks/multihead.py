@@ -52,8 +52,15 @@ def _shallow(module: nn.Module) -> nn.Module:
 
 
 def unwrap(network: nn.Module) -> nn.Module:
-    """The module under a ``torch.compile`` wrapper (nnU-Net compiles the network when nnUNet_compile is on)."""
-    return getattr(network, "_orig_mod", network)
+    """The plain module inside ``torch.compile`` (``._orig_mod``; nnU-Net compiles the network when nnUNet_compile is
+    on) and DDP (``.module``) wrappers, however they are nested."""
+    while True:
+        if hasattr(network, "_orig_mod"):
+            network = network._orig_mod
+        elif isinstance(network, nn.parallel.DistributedDataParallel):
+            network = network.module
+        else:
+            return network
 
 
 class MultiHeadNetwork(nn.Module):

@@ -1,8 +1,9 @@
 """nnU-Net's folder variables, set in-process so users never export them.
 
 nnunetv2 2.8 reads ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` lazily from ``os.environ``, so a
-context manager is enough. The CPU-friendly worker settings are set here too (see DESIGN.md: ``nnUNet_n_proc_DA=0``
-breaks planning through ``torch.set_num_threads(0)``, so it stays >= 1 outside training).
+context manager is enough. The CPU-friendly worker settings are set here too. ``nnUNet_n_proc_DA`` stays >= 1 outside
+training: nnunetv2 2.8.1's experiment planner calls ``torch.set_num_threads`` with it, and 0 threads breaks it
+(measured); training sets 0 itself, to augment in the main process (``runner.StageContext.stage_env``).
 """
 from __future__ import annotations
 
