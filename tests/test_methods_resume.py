@@ -14,7 +14,7 @@ from lifelong_nnunet.nnunet.trainer import ContinualTrainer
 from lifelong_nnunet.runner import load_schedule, run_experiment
 
 pytestmark = pytest.mark.slow
-METHODS = [m for m in available_methods() if not m.startswith("test-")]
+METHODS = available_methods()
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".npy", ".npz", ".b2nd", ".pkl", ".mha", ".nrrd", ".png.npy")
 BUDGET = {"epochs": 2, "iterations_per_epoch": 3, "val_iterations": 1}
 
