@@ -106,6 +106,7 @@ class ContinualTrainer(nnUNetTrainer):
 
     @property
     def stage(self) -> Stage:
+        """The stage being trained (the trainer's own shorthand, e.g. for seeding each epoch)."""
         return self._stage_state.stage
 
     @property
