@@ -29,7 +29,8 @@ from lifelong_nnunet.nnunet.env import resolve_device
 from lifelong_nnunet.nnunet.planning import Workspace
 from lifelong_nnunet.nnunet.trainer import build_network
 from lifelong_nnunet.run_folder import RunFolder, load_model, save_model
-from lifelong_nnunet.runner import StageContext, default_cache_dir, prepare
+from lifelong_nnunet.runner import default_cache_dir, prepare
+from lifelong_nnunet.stages import RunContext, StageTraining
 
 TARGETS = {"regularisation": 1.10, "distillation": 1.6}
 KIND = {"ewc": "regularisation", "mas": "regularisation", "rw": "regularisation",
@@ -47,12 +48,12 @@ def measure(run_dir: Path, method: str, steps: int, scratch: Path) -> dict:
     spec.update(method=method, method_params={})
     exp = experiment_from_dict(spec, "benchmark")
     folder = scratch / method
-    tasks, _ = prepare(exp, folder, RunLog(quiet=True))
+    tasks, labels = prepare(exp, folder, RunLog(quiet=True))
     (folder / "stages").mkdir(parents=True)
     shutil.copytree(run_dir / "stages" / "stage_0", folder / "stages" / "stage_0",
                     ignore=shutil.ignore_patterns("nnunet"))
     # the run's trained stage-1 weights, in the method's own architecture (e.g. with its first head)
-    method_impl = create_method(method)
+    method_impl = create_method(method, labels=labels)
     net = build_network(read_json(run_dir / "plans.json"), exp.configuration, read_json(run_dir / "dataset.json"),
                         deep_supervision=True)
     net.load_state_dict(load_model(run_dir / "stages" / "stage_1" / "model.pt")["network_weights"])
@@ -62,13 +63,13 @@ def measure(run_dir: Path, method: str, steps: int, scratch: Path) -> dict:
     write_json(folder / "schedule.json", [{"index": s.index, "train_tasks": list(s.train_tasks), "init": s.init,
                                             "budget": 1.0} for s in stages])
     workspace = Workspace(Path(exp.cache_dir) if exp.cache_dir else default_cache_dir(), tasks, exp.configuration)
-    ctx = StageContext(exp, RunFolder(folder), workspace, tasks, method_impl, resolve_device(exp.device),
-                       RunLog(quiet=True))
-    with ctx.stage_env(stages[0]):  # importances/teachers of the finished first task, as in a real run
-        first = ctx.build_stage_trainer(stages[0], epochs=1)
-        ctx.method.after_stage(first, stages[0])
-    with ctx.stage_env(stages[1]):
-        trainer = ctx.build_stage_trainer(stages[1], epochs=1)
+    training = StageTraining(RunContext(exp, RunFolder(folder), workspace, tasks, method_impl,
+                                        resolve_device(exp.device), RunLog(quiet=True), labels, stages))
+    with training.stage_env(stages[0]):  # importances/teachers of the finished first task, as in a real run
+        first = training.build_stage_trainer(stages[0], epochs=1)
+        method_impl.after_stage(first, stages[0])
+    with training.stage_env(stages[1]):
+        trainer = training.build_stage_trainer(stages[1], epochs=1)
         trainer.on_train_start()
         batches = [next(trainer.dataloader_train) for _ in range(steps)]
         plain_step = lambda b: nnUNetTrainer.train_step(trainer, b)  # noqa: E731 - nnU-Net's own step

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -16,11 +15,12 @@ from lifelong_nnunet.datasets.synthetic_structures import build_synthetic_struct
 from lifelong_nnunet.errors import UserInputError
 from lifelong_nnunet.experiment import Experiment, Training
 from lifelong_nnunet.labels import LabelSpace
-from lifelong_nnunet.methods import create_method
+from fakes import FakeTrainer
+from lifelong_nnunet.methods import Stage, create_method
 from lifelong_nnunet.methods.mib import init_new_from_background
 from lifelong_nnunet.networks.encoder_decoders import CompactDecoder, EncoderDecoders, parameter_count
 from lifelong_nnunet.networks.output_head import num_outputs, resize_output
-from lifelong_nnunet.nnunet.trainer import ContinualTrainer
+from lifelong_nnunet.nnunet.trainer import map_targets
 from lifelong_nnunet.tasks import Task
 
 
@@ -93,11 +93,10 @@ def test_mib_background_init_keeps_the_old_models_predictions():
 
 
 def test_distillation_teacher_keeps_only_the_previous_models_channels(space):
-    method = create_method("mib", {})
-    method.labels = space
+    method = create_method("mib", {}, labels=space)
     grown = resize_output(_unet(3), 5)
-    trainer = SimpleNamespace(network=grown, device=torch.device("cpu"), tasks_before=["Dataset001_A"])
-    method.before_stage(trainer, SimpleNamespace(index=2, init="previous", train_tasks=("Dataset002_B",)))
+    trainer = FakeTrainer(grown, stage=Stage(2, ("Dataset002_B",), "previous"), tasks_before=["Dataset001_A"])
+    method.before_stage(trainer, trainer.stage_state.stage)
     assert num_outputs(method.teacher) == 3
     teacher_seg, student_seg = method.teacher.decoder.seg_layers[0], grown.decoder.seg_layers[0]
     assert torch.equal(teacher_seg.weight, student_seg.weight[:3])  # the previous model's channels, bitwise
@@ -107,10 +106,10 @@ def test_distillation_teacher_keeps_only_the_previous_models_channels(space):
 
 
 def test_targets_are_mapped_per_sample_through_their_tasks_table():
-    fake = SimpleNamespace(target_luts={"A": torch.tensor([0, 1, 2]), "C": torch.tensor([0, 2, 5])})
+    luts = {"A": torch.tensor([0, 1, 2]), "C": torch.tensor([0, 2, 5])}
     target = torch.tensor([[[[0, 1, 2, -1]]], [[[0, 1, 2, -1]]]], dtype=torch.float32)  # [B=2, 1, 1, 4]
     batch = {"keys": ["A/case1", "C/case7"], "target": [target, target[..., :2]], "data": None}
-    out = ContinualTrainer.map_targets(fake, batch)
+    out = map_targets(batch, luts)
     assert out["target"][0][0].flatten().tolist() == [0, 1, 2, -1]
     assert out["target"][0][1].flatten().tolist() == [0, 2, 5, -1]  # padding (-1) stays
     assert out["target"][1][1].flatten().tolist() == [0, 2]
@@ -130,8 +129,7 @@ def test_compact_decoder_matches_nnunets_decoder_interface_and_is_smaller():
 
 
 def test_encoder_runs_once_per_patch_and_every_decoder_contributes(space):
-    method = create_method("frozen_encoder_decoders", {})
-    method.labels = space
+    method = create_method("frozen_encoder_decoders", {}, labels=space)
     net = method.adapt_network(_unet(3, deep_supervision=False), ["Dataset001_A", "Dataset002_B", "Dataset003_C"])
     assert isinstance(net, EncoderDecoders) and net.num_classes == 6
     calls = []
@@ -145,8 +143,7 @@ def test_encoder_runs_once_per_patch_and_every_decoder_contributes(space):
 
 
 def test_a_new_decoder_has_its_own_parameters_and_the_method_rejects_the_domain_scenario(space):
-    method = create_method("frozen_encoder_decoders", {})
-    method.labels = space
+    method = create_method("frozen_encoder_decoders", {}, labels=space)
     net = method.adapt_network(_unet(3), ["Dataset001_A"])
     bigger = method.adapt_network(net, ["Dataset001_A", "Dataset002_B"])
     assert bigger is not net and bigger.encoder is net.encoder

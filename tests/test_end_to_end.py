@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from lifelong_nnunet.experiment import experiment_from_dict
+from lifelong_nnunet.methods import TrainerView, registered_methods
 from lifelong_nnunet.methods.sequential import Sequential
 from lifelong_nnunet.methods.separate import Separate
 from lifelong_nnunet.runner import run_experiment
@@ -27,12 +28,15 @@ TINY = {"epochs": 2, "iterations_per_epoch": 4, "val_iterations": 1}
 
 
 class InitProbe(Sequential):
-    """Records the weights each stage starts from (a test-only plugin; it also proves plugins need no runner edits)."""
+    """Records the weights each stage starts from (a test-only plugin; it also proves plugins need no runner edits),
+    and the trainer the hook is given: whether it implements TrainerView, and its stage state."""
     name = "test-init-probe"
     seen: dict[int, dict[str, torch.Tensor]] = {}
+    trainers: dict[int, tuple[bool, object]] = {}
 
     def before_stage(self, trainer, stage):
         InitProbe.seen[stage.index] = {k: v.detach().cpu().clone() for k, v in trainer.network.state_dict().items()}
+        InitProbe.trainers[stage.index] = (isinstance(trainer, TrainerView), trainer.stage_state)
 
 
 class SeparateInitProbe(Separate):
@@ -42,6 +46,13 @@ class SeparateInitProbe(Separate):
     def before_stage(self, trainer, stage):
         SeparateInitProbe.seen[stage.index] = {k: v.detach().cpu().clone()
                                                for k, v in trainer.network.state_dict().items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def probes():
+    """The probes are known by name only while this module runs (never in `available_methods()` elsewhere)."""
+    with registered_methods(InitProbe, SeparateInitProbe):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +65,8 @@ def spec(tasks, cache_dir, method="sequential", **extra) -> dict:
             "cache_dir": str(cache_dir), "device": "cpu", **extra}
 
 
-@pytest.fixture(scope="session")
-def sequential_run(synthetic_tasks, cache_dir, tmp_path_factory) -> Path:
+@pytest.fixture(scope="module")
+def sequential_run(probes, synthetic_tasks, cache_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "probe"
     run_experiment(experiment_from_dict(spec(synthetic_tasks, cache_dir, "test-init-probe")), out, quiet=True)
     return out
@@ -112,8 +123,19 @@ def test_each_stage_starts_from_previous_stage_weights(sequential_run):
     assert any("seg_layers" in k for k in changed), "the segmentation head must be carried over and trained"
 
 
-@pytest.fixture(scope="session")
-def separate_run(synthetic_tasks, cache_dir, tmp_path_factory) -> Path:
+def test_hooks_get_a_trainer_view_with_the_stage_state(sequential_run, synthetic_tasks):
+    names = [t.name for t in synthetic_tasks]
+    for index, before in ((1, ()), (2, (names[0],))):
+        is_view, state = InitProbe.trainers[index]
+        assert is_view
+        assert state.stage.index == index and state.stage.train_tasks == (names[index - 1],)
+        assert state.tasks_before == before
+        assert state.stage_dir == (sequential_run / "stages" / f"stage_{index}").resolve()
+        assert state.annotated_classes is None  # domain scenario: every channel annotated
+
+
+@pytest.fixture(scope="module")
+def separate_run(probes, synthetic_tasks, cache_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "sep"
     run_experiment(experiment_from_dict(spec(synthetic_tasks, cache_dir, "test-separate-init-probe")), out, quiet=True)
     return out

@@ -8,6 +8,7 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
+from fakes import FakeTrainer
 from lifelong_nnunet.methods import Stage, available_methods, create_method
 from lifelong_nnunet.methods.multihead import selection_accuracy
 from lifelong_nnunet.networks import (
@@ -41,11 +42,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class FakeTrainer:
-    def __init__(self, network):
-        self.network = network
 
 
 def nnunet_optimizer(network):

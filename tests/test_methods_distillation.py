@@ -7,21 +7,17 @@ from __future__ import annotations
 
 import io
 import math
-from types import SimpleNamespace
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
+from fakes import FakeTrainer
 from lifelong_nnunet.methods import available_methods, create_method
 from lifelong_nnunet.methods.base import Stage
-from lifelong_nnunet.methods.distillation import (
-    FeatureCapture,
-    deep_supervision_weights,
-    snapshot_teacher,
-    softened_kl,
-)
+from lifelong_nnunet.methods.distillation import FeatureCapture, snapshot_teacher, softened_kl
 from lifelong_nnunet.methods.lwf import lwf_loss
 from lifelong_nnunet.methods.mib import unbiased_cross_entropy, unbiased_kd
 from lifelong_nnunet.methods.plop import (
@@ -29,6 +25,7 @@ from lifelong_nnunet.methods.plop import (
     local_pod_loss,
     pseudo_labels,
 )
+from lifelong_nnunet.nnunet.network import deep_supervision_weights
 
 METHODS = ["lwf", "mib", "plop"]
 STAGE2 = Stage(2, ("B",), "previous")
@@ -46,7 +43,7 @@ def tiny_unet() -> PlainConvUNet:
 def setup():
     torch.manual_seed(0)
     net = tiny_unet()
-    trainer = SimpleNamespace(network=net, device=torch.device("cpu"))
+    trainer = FakeTrainer(net)
     data = torch.randn(1, 1, 16, 16, 16)
     target = [torch.randint(0, 3, (1, 1, 16, 16, 16)).float(), torch.randint(0, 3, (1, 1, 8, 8, 8)).float()]
     threads = torch.get_num_threads()
@@ -255,7 +252,7 @@ def test_mib_domain_mode_adds_only_weighted_kd(setup):
 
 def test_mib_class_mode_swaps_ce_for_unbiased_ce(setup):
     trainer, data, target = setup
-    trainer.annotated_classes = [0, 2]  # class 1 is old and not annotated in this task
+    trainer.stage_state = replace(trainer.stage_state, annotated_classes=(0, 2))  # class 1: old, not annotated
     method = create_method("mib")
     method.before_stage(trainer, STAGE2)
     out = trainer.network(data)
@@ -360,7 +357,7 @@ def test_plop_pseudo_labels():
 
 def test_plop_class_mode_adds_pseudo_label_correction(setup):
     trainer, data, target = setup
-    trainer.annotated_classes = [0, 2]
+    trainer.stage_state = replace(trainer.stage_state, annotated_classes=(0, 2))
     calls = []
 
     def loss(output, tgt):

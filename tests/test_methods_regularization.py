@@ -13,6 +13,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
+from fakes import FakeTrainer
 from lifelong_nnunet.errors import UserInputError
 from lifelong_nnunet.methods import Stage, available_methods, create_method
 
@@ -48,21 +49,12 @@ def make_batches(n: int, seed: int) -> list[dict]:
     return out
 
 
-class FakeTrainer:
-    def __init__(self, network, batches, stage=1):
-        self.network = network
-        self.device = torch.device("cpu")
-        self.loss = DeepSupervisionWrapper(
-            DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                           weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss), [2 / 3, 1 / 3])
-        self.batches = batches
-        self.stage = Stage(stage, (f"task{stage}",))
-        self.drawn = 0
-
-    def training_batches(self, n):
-        for i in range(n):
-            self.drawn += 1
-            yield self.batches[i % len(self.batches)]
+def trainer_for(network, batches, stage=1) -> FakeTrainer:
+    """The shared fake with nnU-Net's own deep-supervision Dice+CE loss, training on ``batches``."""
+    loss = DeepSupervisionWrapper(
+        DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                       weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss), [2 / 3, 1 / 3])
+    return FakeTrainer(network, stage=Stage(stage, (f"task{stage}",)), loss=loss, batches=batches)
 
 
 def train_steps(method, trainer, n, lr=0.05, seed=0):
@@ -82,9 +74,9 @@ def train_steps(method, trainer, n, lr=0.05, seed=0):
 
 
 def finish_task(method, trainer, steps=3, seed=0):
-    method.before_stage(trainer, trainer.stage)
+    method.before_stage(trainer, trainer.stage_state.stage)
     train_steps(method, trainer, steps, seed=seed)
-    method.after_stage(trainer, trainer.stage)
+    method.after_stage(trainer, trainer.stage_state.stage)
 
 
 def perturb(net, scale=0.05, seed=1):
@@ -146,8 +138,8 @@ def test_methods_are_discovered_and_validate_parameters():
 @pytest.mark.parametrize("name", METHODS)
 def test_no_penalty_before_first_task_finishes(name):
     method = create_method(name, FAST[name])
-    trainer = FakeTrainer(tiny_net(), make_batches(4, 10))
-    method.before_stage(trainer, trainer.stage)
+    trainer = trainer_for(tiny_net(), make_batches(4, 10))
+    method.before_stage(trainer, trainer.stage_state.stage)
     b = trainer.batches[0]
     assert method.loss_terms(trainer, b["data"], b["target"], trainer.network(b["data"])) == {}
 
@@ -155,7 +147,7 @@ def test_no_penalty_before_first_task_finishes(name):
 @pytest.mark.parametrize("name", METHODS)
 def test_penalty_is_zero_at_anchor_and_positive_off_it(name):
     method = create_method(name, FAST[name])
-    trainer = FakeTrainer(tiny_net(), make_batches(4, 10))
+    trainer = trainer_for(tiny_net(), make_batches(4, 10))
     finish_task(method, trainer)
     method.before_stage(trainer, Stage(2, ("task2",)))
     b = trainer.batches[0]
@@ -171,7 +163,7 @@ def test_penalty_is_zero_at_anchor_and_positive_off_it(name):
 @pytest.mark.parametrize("name", METHODS)
 def test_penalty_gradient_is_analytic_for_every_parameter(name):
     method = create_method(name, {**FAST[name], "lambda": 3.0})
-    trainer = FakeTrainer(tiny_net(), make_batches(4, 10))
+    trainer = trainer_for(tiny_net(), make_batches(4, 10))
     finish_task(method, trainer)
     net = trainer.network
     anchor = anchors_of(net)
@@ -196,9 +188,9 @@ def test_penalty_gradient_is_analytic_for_every_parameter(name):
 def test_ewc_fisher_is_mean_over_many_batches_not_one():
     net = tiny_net()
     batches = make_batches(4, 10)
-    trainer = FakeTrainer(net, batches)
+    trainer = trainer_for(net, batches)
     method = create_method("ewc", {"fisher_batches": 4})
-    method.after_stage(trainer, trainer.stage)
+    method.after_stage(trainer, trainer.stage_state.stage)
     assert trainer.drawn == 4
     fisher = method.quadratic.weight
     reference = reference_importance(net, batches, trainer.loss, "square")
@@ -212,9 +204,9 @@ def test_ewc_fisher_is_mean_over_many_batches_not_one():
 def test_mas_importance_is_mean_over_many_batches_not_one():
     net = tiny_net()
     batches = make_batches(3, 20)
-    trainer = FakeTrainer(net, batches)
+    trainer = trainer_for(net, batches)
     method = create_method("mas", {"importance_batches": 3})
-    method.after_stage(trainer, trainer.stage)
+    method.after_stage(trainer, trainer.stage_state.stage)
     omega = method.quadratic.weight
     reference = reference_importance(net, batches, mas_objective, "abs")
     one_batch = reference_importance(net, batches[:1], mas_objective, "abs")
@@ -230,16 +222,16 @@ def _two_tasks(name, params):
     b1, b2 = make_batches(3, 10), make_batches(3, 30)
     objective, transform = (None, "square") if name == "ewc" else (mas_objective, "abs")
     method = create_method(name, params)
-    t1 = FakeTrainer(net, b1, 1)
+    t1 = trainer_for(net, b1, 1)
     imp1 = reference_importance(net, b1, objective or t1.loss, transform)
     a1 = anchors_of(net)
-    method.after_stage(t1, t1.stage)
+    method.after_stage(t1, t1.stage_state.stage)
     perturb(net, 0.05, seed=3)  # stands for training on task 2
-    t2 = FakeTrainer(net, b2, 2)
+    t2 = trainer_for(net, b2, 2)
     imp2 = reference_importance(net, b2, objective or t2.loss, transform)
     a2 = anchors_of(net)
-    method.before_stage(t2, t2.stage)
-    method.after_stage(t2, t2.stage)
+    method.before_stage(t2, t2.stage_state.stage)
+    method.after_stage(t2, t2.stage_state.stage)
     return method, net, (imp1, a1), (imp2, a2)
 
 
@@ -290,8 +282,8 @@ def _hand_step(method, trainer, grads, moves):
 
 def test_rw_online_fisher_follows_the_moving_average():
     method = create_method("rw", {"alpha": 0.7, "update_interval": 1})
-    trainer = FakeTrainer(tiny_net(), [])
-    method.before_stage(trainer, trainer.stage)
+    trainer = trainer_for(tiny_net(), [])
+    method.before_stage(trainer, trainer.stage_state.stage)
     params = list(trainer.network.parameters())
     gen = torch.Generator().manual_seed(5)
     seq = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(3)]
@@ -305,7 +297,7 @@ def test_rw_online_fisher_follows_the_moving_average():
         torch.testing.assert_close(method.fisher[n], f, rtol=1e-5, atol=1e-8)
     # with update_interval 2, only every second step updates the Fisher
     method2 = create_method("rw", {"alpha": 0.7, "update_interval": 2})
-    method2.before_stage(trainer, trainer.stage)
+    method2.before_stage(trainer, trainer.stage_state.stage)
     for grads in seq:
         _hand_step(method2, trainer, grads, [torch.zeros_like(p) for p in params])
     # elementwise float32 (alpha * g^2 + (1 - alpha) * F): a kernel with or without FMA differs by an ulp or two
@@ -314,7 +306,7 @@ def test_rw_online_fisher_follows_the_moving_average():
 
 def test_rw_fisher_uses_task_gradient_without_the_penalty():
     method = create_method("rw", {"alpha": 1.0, "update_interval": 1, "lambda": 5.0})
-    trainer = FakeTrainer(tiny_net(), make_batches(2, 10))
+    trainer = trainer_for(tiny_net(), make_batches(2, 10))
     finish_task(method, trainer)
     method.before_stage(trainer, Stage(2, ("task2",)))
     perturb(trainer.network)
@@ -331,8 +323,8 @@ def test_rw_fisher_uses_task_gradient_without_the_penalty():
 
 def test_rw_path_integral_is_nonnegative_normalised_and_zero_where_nothing_moved():
     method = create_method("rw", {"update_interval": 1})
-    trainer = FakeTrainer(tiny_net(), [])
-    method.before_stage(trainer, trainer.stage)
+    trainer = trainer_for(tiny_net(), [])
+    method.before_stage(trainer, trainer.stage_state.stage)
     named = list(trainer.network.named_parameters())
     frozen = "decoder.seg_layers.0.bias"
     gen = torch.Generator().manual_seed(7)
@@ -345,7 +337,7 @@ def test_rw_path_integral_is_nonnegative_normalised_and_zero_where_nothing_moved
         _hand_step(method, trainer, grads, moves)
     assert any(bool((t < 0).any()) for t in method.path.values())  # raw score had negative entries
     assert bool((method.path[frozen] == 0).all())
-    method.after_stage(trainer, trainer.stage)
+    method.after_stage(trainer, trainer.stage_state.stage)
     score = method.score
     assert all(bool((s >= 0).all()) for s in score.values())
     assert max(float(s.max()) for s in score.values()) == pytest.approx(1.0)
@@ -360,15 +352,15 @@ def test_rw_path_integral_is_nonnegative_normalised_and_zero_where_nothing_moved
 
 def test_rw_score_averages_the_tasks():
     method = create_method("rw", {"update_interval": 1})
-    trainer = FakeTrainer(tiny_net(), make_batches(2, 10))
+    trainer = trainer_for(tiny_net(), make_batches(2, 10))
     finish_task(method, trainer, steps=3, seed=0)
     s1 = {n: t.clone() for n, t in method.score.items()}
-    trainer2 = FakeTrainer(trainer.network, make_batches(2, 30), 2)
-    method.before_stage(trainer2, trainer2.stage)
+    trainer2 = trainer_for(trainer.network, make_batches(2, 30), 2)
+    method.before_stage(trainer2, trainer2.stage_state.stage)
     train_steps(method, trainer2, 3, seed=8)
     raw = {n: t.clamp(min=0) for n, t in method.path.items()}
     top = max(float(t.max()) for t in raw.values())
-    method.after_stage(trainer2, trainer2.stage)
+    method.after_stage(trainer2, trainer2.stage_state.stage)
     for n in s1:
         torch.testing.assert_close(method.score[n], 0.5 * (s1[n] + raw[n] / top), rtol=1e-5, atol=1e-8)  # as above
 
@@ -376,9 +368,9 @@ def test_rw_score_averages_the_tasks():
 # ---- resume -----------------------------------------------------------------------------------------------------
 def _after_two_tasks(name):
     method = create_method(name, {**FAST[name], "lambda": 2.0})
-    trainer = FakeTrainer(tiny_net(), make_batches(4, 10))
+    trainer = trainer_for(tiny_net(), make_batches(4, 10))
     finish_task(method, trainer, seed=0)
-    t2 = FakeTrainer(trainer.network, make_batches(4, 30), 2)
+    t2 = trainer_for(trainer.network, make_batches(4, 30), 2)
     finish_task(method, t2, seed=9)
     method.before_stage(t2, Stage(3, ("task3",)))
     train_steps(method, t2, 2, seed=11)  # mid-stage: RW carries a running Fisher and path integral

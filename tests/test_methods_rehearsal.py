@@ -1,9 +1,7 @@
 """Rehearsal: a bounded, seeded memory of earlier tasks' case IDs, mixed into batches with its share."""
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,10 +9,10 @@ import torch
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset
 
 from lifelong_nnunet.errors import UserInputError
-from lifelong_nnunet.io_utils import write_json
 from lifelong_nnunet.methods import Stage, create_method
 from lifelong_nnunet.nnunet.trainer import MultiSourceDataset
-from lifelong_nnunet.runner import RunFolder, StageContext
+from lifelong_nnunet.stages import StageSources
+from lifelong_nnunet.tasks import Case, Task
 
 
 def task_cases(i: int, n: int = 12) -> list[str]:
@@ -130,27 +128,22 @@ class FakeDataset(nnUNetBaseDataset):
         raise NotImplementedError
 
 
-def stage_context(tmp_path: Path, method, tasks: dict[str, list[str]]) -> StageContext:
-    """The runner's StageContext with a fake workspace: enough for StageContext.sources."""
-    run = RunFolder(tmp_path / "run")
-    run.root.mkdir()
-    stages = method.schedule(list(tasks))
-    write_json(run.schedule, [asdict(s) for s in stages])
-    task_objs = [SimpleNamespace(name=name, train_cases=cases, dataset_id=900 + i, labels={"background": 0, "a": 1})
-                 for i, (name, cases) in enumerate(tasks.items())]
-    workspace = SimpleNamespace(plans=lambda t: {}, dataset_json=lambda t: {},
-                                preprocessed_folder=lambda t: tmp_path / "pre" / t.name)
-    exp = SimpleNamespace(validation_fraction=0.2, seed=0, scenario="domain")
-    return StageContext(exp, run, workspace, task_objs, method, torch.device("cpu"), lambda *a, **k: None)
+def stage_sources(tmp_path: Path, method, tasks: dict[str, list[str]]) -> StageSources:
+    """The runner's stage sources over tasks whose cases exist only as IDs (nothing is read from disk)."""
+    task_objs = [Task(tmp_path / "raw" / name, {"labels": {"background": 0, "a": 1}},
+                      {c: Case(c, (), tmp_path / "raw" / name / f"{c}.nii.gz") for c in cases})
+                 for name, cases in tasks.items()]
+    return StageSources(task_objs, method, method.schedule(list(tasks)), lambda t: tmp_path / "pre" / t.name,
+                        validation_fraction=0.2, seed=0)
 
 
 @pytest.mark.parametrize("share", [0.3, 0.5, 0.1])
 def test_batches_draw_the_replay_share(tmp_path, share):
     method = create_method("rehearsal", {"cases_per_task": 3, "max_cases": 5, "share": share})
     tasks = {"Dataset001_A": task_cases(1, 10), "Dataset002_B": task_cases(2, 7), "Dataset003_C": task_cases(3, 13)}
-    ctx = stage_context(tmp_path, method, tasks)
+    sources_of = stage_sources(tmp_path, method, tasks)
     stage = method.schedule(list(tasks))[2]
-    sources = ctx.sources(stage)
+    sources = sources_of(stage)
     replay = [s for s in sources if s.task not in stage.train_tasks]
     assert {s.task for s in replay} == {"Dataset001_A", "Dataset002_B"}
     assert sum(len(s.train_keys) for s in replay) == 5
@@ -170,6 +163,6 @@ def test_batches_draw_the_replay_share(tmp_path, share):
 def test_no_replay_in_the_first_stage(tmp_path):
     method = create_method("rehearsal")
     tasks = {"Dataset001_A": task_cases(1, 6), "Dataset002_B": task_cases(2, 6)}
-    ctx = stage_context(tmp_path, method, tasks)
-    assert [s.task for s in ctx.sources(method.schedule(list(tasks))[0])] == ["Dataset001_A"]
+    sources_of = stage_sources(tmp_path, method, tasks)
+    assert [s.task for s in sources_of(method.schedule(list(tasks))[0])] == ["Dataset001_A"]
     assert not method.buffer

@@ -11,10 +11,11 @@ import torch
 from lifelong_nnunet.experiment import experiment_from_dict
 from lifelong_nnunet.methods import available_methods, create_method
 from lifelong_nnunet.nnunet.trainer import ContinualTrainer
-from lifelong_nnunet.runner import load_schedule, run_experiment
+from lifelong_nnunet.run_folder import load_schedule
+from lifelong_nnunet.runner import run_experiment
 
 pytestmark = pytest.mark.slow
-METHODS = [m for m in available_methods() if not m.startswith("test-")]
+METHODS = available_methods()
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".npy", ".npz", ".b2nd", ".pkl", ".mha", ".nrrd", ".png.npy")
 BUDGET = {"epochs": 2, "iterations_per_epoch": 3, "val_iterations": 1}
 # What resume must restore does not depend on these sizes, and the defaults would dominate the module's time (EWC's

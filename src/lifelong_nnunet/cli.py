@@ -207,7 +207,7 @@ def methods() -> None:
     for name in available_methods():
         m = create_method(name)
         doc = (sys.modules[type(m).__module__].__doc__ or "").strip().splitlines()[0]
-        params = ", ".join(f"{k}={v}" for k, v in m.params.items()) or "no parameters"
+        params = ", ".join(f"{k}={v}" for k, v in m.defaults().items()) or "no parameters"
         typer.echo(f"{name} ({params}): {doc}")
 
 

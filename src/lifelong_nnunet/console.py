@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import io
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +28,14 @@ class RunLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(f"{_dt.datetime.now().isoformat(timespec='seconds')} {message}\n")
+
+
+@contextlib.contextmanager
+def silenced_stdout() -> Iterator[None]:
+    """Swallow what is printed to stdout inside the block: nnU-Net prints a lot while it plans, builds its trainer
+    and predictor and trains, and the console is kept for our own progress lines (on stderr)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 @contextlib.contextmanager

@@ -58,11 +58,11 @@ def _load_run_network(run_dir: Path, model_path: Path):
     exp = run.read_experiment()
     plans, djson = run.read_plans(), run.read_dataset_json()
     payload = load_model(model_path)
+    labels = run.read_labels()
     try:
-        method = create_method(exp.method, exp.method_params)
+        method = create_method(exp.method, exp.method_params, labels=labels)
     except UserInputError:
-        method = Method()  # not installed here: fine as long as the weights fit a plain nnU-Net network
-    method.labels = run.read_labels()
+        method = Method(labels=labels)  # not installed here: fine as long as the weights fit a plain nnU-Net network
     method.load_state_dict(payload["method_state"])  # e.g. the architecture chosen for each task
     seen = payload["info"]["tasks_seen"]
     net = method.adapt_network(build_network(plans, exp.configuration, djson, deep_supervision=False), seen)
@@ -120,17 +120,19 @@ def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None =
     output = PredictionFolder(Path(output_dir))
     output.root.mkdir(parents=True, exist_ok=True)
     written = []
-    # no --task and a method that picks a part of its network per image (e.g. one head per task): one choice per case
-    choose, by_task, choices = getattr(method, "choose_task", None) if task is None else None, {}, {}
+    # no --task: a method that picks a part of its network per image (e.g. one head per task) chooses per case
+    by_task, choices = {}, {}
     for i, (case, files) in enumerate(sorted(cases.items())):
         image, props = seg.read(files)
-        if choose is not None:
-            choices[case] = choose(full_net, lambda m: Segmenter(m, plans, exp.configuration, djson, dev, mirroring)
-                                   .predict_arrays(image, props, probabilities=True)[1], seen)
-            if choices[case] not in by_task:
-                by_task[choices[case]] = Segmenter(method.network_for_task(full_net, choices[case]), plans,
-                                                   exp.configuration, djson, dev, mirroring)
-            seg = by_task[choices[case]]
+        chosen = None if task is not None else method.choose_task(
+            full_net, lambda m: Segmenter(m, plans, exp.configuration, djson, dev, mirroring)
+            .predict_arrays(image, props, probabilities=True)[1], seen)
+        if chosen is not None:
+            choices[case] = chosen
+            if chosen not in by_task:
+                by_task[chosen] = Segmenter(method.network_for_task(full_net, chosen), plans, exp.configuration,
+                                            djson, dev, mirroring)
+            seg = by_task[chosen]
         out = output.label_map(case, djson["file_ending"])
         if probabilities:
             labels, probs = seg.predict_arrays(image, props, probabilities=True)

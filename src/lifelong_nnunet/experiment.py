@@ -8,16 +8,22 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
 from .errors import UserInputError
 from .names import dataset_id_of
 
-SCENARIOS = ("domain", "class")
-CONFIGURATIONS = ("2d", "3d_fullres")
-DEVICES = ("auto", "cpu", "cuda")
+# The closed string options of a spec, each written once: the type checker reads the Literal, `validate` its values.
+# (Literal rather than StrEnum: the values travel as plain strings through YAML, JSON and stored run folders, and
+# StrEnum needs Python 3.11 while the package supports 3.10.)
+Scenario = Literal["domain", "class"]
+Configuration = Literal["2d", "3d_fullres"]
+Device = Literal["auto", "cpu", "cuda"]
+SCENARIOS: tuple[str, ...] = get_args(Scenario)
+CONFIGURATIONS: tuple[str, ...] = get_args(Configuration)
+DEVICES: tuple[str, ...] = get_args(Device)
 
 
 @dataclass
@@ -53,15 +59,15 @@ class Experiment:
     tasks: list[str]
     method: str = "sequential"
     method_params: dict[str, Any] = field(default_factory=dict)
-    scenario: str = "domain"
-    configuration: str = "3d_fullres"
+    scenario: Scenario = "domain"
+    configuration: Configuration = "3d_fullres"
     plan_with: str | int | None = None  # the task nnU-Net plans on (folder, name or ID); None: the first task
     training: Training = field(default_factory=Training)
     test_split: TestSplit = field(default_factory=TestSplit)
     evaluation: Evaluation = field(default_factory=Evaluation)
     validation_fraction: float = 0.2
     seed: int = 0
-    device: str = "auto"
+    device: Device = "auto"
     raw_root: str | None = None
     cache_dir: str | None = None
 

@@ -1,21 +1,35 @@
-"""The plugin interface every continual method implements.
+"""The plugin interface every continual method implements, and the contract between method and trainer.
 
 The runner and the trainer only call these hooks; they never name a method. A new method is one file in this
 package with a subclass of `Method` that sets `name` (discovered automatically, see `methods/__init__.py`).
 Hooks follow the spirit of Avalanche's strategy plugins: the defaults do nothing, a method overrides what it needs.
+
+What a hook may use of the trainer it is given is `TrainerView`, nothing else (Avalanche's
+``strategy_mixin_protocol``). What a stage is about (its tasks, the tasks before it, its folder, the classes its data
+annotates) is one frozen `StageState`, read as ``trainer.stage_state`` (MONAI's ``engine.state``): nobody patches
+attributes onto the trainer and no method probes for them. A method's parameters are declared once with their checks
+(`methods.params`) and validated in `Method.__init__` only.
 """
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
-from ..errors import UserInputError
+from ..errors import MethodParamError, PluginContractError
+from .params import Param, closest
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..experiment import Scenario
     from ..labels import LabelSpace
-    from ..nnunet.trainer import ContinualTrainer
+
+#: Where a stage's weights come from: the previous stage's final model, or the untrained stage-0 model.
+StageInit = Literal["previous", "initial"]
+STAGE_INITS: tuple[str, ...] = get_args(StageInit)
 
 
 @dataclass(frozen=True)
@@ -27,35 +41,141 @@ class Stage:
     """
     index: int  # 1-based; stage 0 is the untrained model
     train_tasks: tuple[str, ...]
-    init: str = "previous"
+    init: StageInit = "previous"
     budget: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.init not in STAGE_INITS:
+            raise PluginContractError(f"stage {self.index} has init {self.init!r}; a schedule's stages start from one "
+                                      f"of {list(STAGE_INITS)}")
 
     @property
     def label(self) -> str:
         return "+".join(self.train_tasks)
 
 
+@dataclass(frozen=True)
+class StageState:
+    """What one training stage is about, fixed before the trainer is built and the same for every hook of the stage.
+
+    - ``stage``: the stage itself;
+    - ``tasks_before``: the tasks trained into the weights the stage starts from (none for a stage that starts from
+      the initial model), in training order;
+    - ``stage_dir``: the stage's folder in the run; a method may write its own records there;
+    - ``annotated_classes``: in the class scenario, the output channels (global label IDs, background 0 included)
+      that this stage's training data annotates, so every other known class is hidden in its background (the
+      background shift of MiB and PLOP). ``None`` in the domain scenario: every output channel is annotated.
+    """
+    stage: Stage
+    tasks_before: tuple[str, ...] = ()
+    stage_dir: Path | None = None
+    annotated_classes: tuple[int, ...] | None = None
+
+
+@runtime_checkable
+class TrainerView(Protocol):
+    """Exactly what a method may read or call on the trainer its hooks receive (`nnunet.trainer.ContinualTrainer`
+    implements it; tests use ``tests/fakes.FakeTrainer``). A method reads these, and may change the *module*
+    ``network`` in place (freeze parts, initialise new channels); it never reassigns trainer attributes: a new
+    architecture comes from `Method.adapt_network`, which the runner applies."""
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The network being trained (the method's architecture, from `Method.adapt_network`)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def stage_state(self) -> StageState:
+        """The stage being trained (see `StageState`)."""
+
+    @property
+    def loss(self) -> Callable[[Any, Any], torch.Tensor]:
+        """nnU-Net's training loss (Dice + CE, deep supervision): ``loss(output, target)``."""
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (with `seeding.seed_everything`, for random draws a method makes itself)."""
+
+    @property
+    def initial_lr(self) -> float: ...
+
+    @property
+    def num_epochs(self) -> int:
+        """Epochs of this stage."""
+
+    @property
+    def num_iterations_per_epoch(self) -> int: ...
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """nnU-Net's training patch size (voxels per spatial axis)."""
+
+    @property
+    def num_input_channels(self) -> int: ...
+
+    @property
+    def ignore_label(self) -> int | None:
+        """nnU-Net's ignore label of the dataset, or None when it has none."""
+
+    def training_batches(self, n: int) -> Iterator[dict]:
+        """``n`` augmented training batches of this stage's data (``{"data", "target", "keys"}``)."""
+
+    def validation_batches(self, n: int) -> list[dict]:
+        """``n`` un-augmented validation batches of this stage's data, targets as in training."""
+
+    def print_to_log_file(self, *args: Any) -> None:
+        """Append a line to the stage's nnU-Net training log."""
+
+
 class Method:
     """Base class: sequential fine-tuning semantics and no extra loss terms.
 
-    Subclasses declare their parameters with defaults in ``params``; unknown parameters are user errors.
+    Subclasses declare their parameters in ``params`` as `Param` objects (default and check, see `methods.params`);
+    ``Method(**values)`` validates the given values against them, and ``self.config`` holds every parameter's value.
+    ``labels`` (the run's label space) is given once, at construction, by whoever builds the method for a run.
     """
     name: ClassVar[str] = ""
-    params: ClassVar[dict[str, Any]] = {}
+    params: ClassVar[dict[str, Param]] = {}
     #: True when the method keeps (some) earlier-task training data; all others must never write image data.
     keeps_old_data: ClassVar[bool] = False
     #: Scenarios the method is defined for ("domain": same labels, new appearance; "class": new structures).
-    scenarios: ClassVar[tuple[str, ...]] = ("domain", "class")
-    #: The run's label space (set by the runner and by ``predict`` before any hook is called).
-    labels: "LabelSpace | None" = None
+    scenarios: ClassVar[tuple[Scenario, ...]] = ("domain", "class")
 
-    def __init__(self, **overrides: Any) -> None:
-        unknown = sorted(set(overrides) - set(self.params))
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A malformed declaration is the method author's error, caught when the class is defined."""
+        super().__init_subclass__(**kwargs)
+        for key, param in cls.params.items():
+            if key == "labels":
+                raise PluginContractError(f"{cls.__qualname__}.params: 'labels' is the run's label space, given to "
+                                          f"every method; name the parameter otherwise")
+            if not isinstance(param, Param):
+                raise PluginContractError(f"{cls.__qualname__}.params[{key!r}] is {param!r}, not a Param; declare "
+                                          f"it with lifelong_nnunet.methods.params (number, integer, flag, one_of...)")
+            if not param.accepts(param.default):
+                raise PluginContractError(f"{cls.__qualname__}.params[{key!r}]: the default {param.default!r} is not "
+                                          f"{param.allowed}")
+
+    def __init__(self, *, labels: LabelSpace | None = None, **values: Any) -> None:
+        unknown = sorted(set(values) - set(self.params))
         if unknown:
-            allowed = ", ".join(sorted(self.params)) or "none"
-            raise UserInputError(f"method '{self.name}' has no parameter(s) {unknown}; its parameters are: "
-                                 f"{allowed}. Fix method_params in the spec.")
-        self.config: dict[str, Any] = {**self.params, **overrides}
+            raise MethodParamError(self.name, unknown[0], None, tuple(sorted(self.params)),
+                                   closest(unknown[0], list(self.params)), unknown=True)
+        for key, value in values.items():
+            self.params[key].check(self.name, key, value)
+        self.config: dict[str, Any] = {**self.defaults(), **values}
+        self._labels = labels
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every parameter's default value (copies, so a method cannot change another's defaults)."""
+        return {key: copy.deepcopy(param.default) for key, param in cls.params.items()}
+
+    @property
+    def labels(self) -> LabelSpace | None:
+        """The run's label space (None only where no run is known, e.g. a method built to list its parameters)."""
+        return self._labels
 
     # ---- the stage plan ------------------------------------------------------------------------------------
     def schedule(self, tasks: list[str]) -> list[Stage]:
@@ -63,21 +183,21 @@ class Method:
         return [Stage(i + 1, (t,), "previous") for i, t in enumerate(tasks)]
 
     # ---- hooks called by the trainer -----------------------------------------------------------------------
-    def before_stage(self, trainer: "ContinualTrainer", stage: Stage) -> None:
+    def before_stage(self, trainer: TrainerView, stage: Stage) -> None:
         """After the network is built and initialised, before the first epoch (snapshot a teacher, ...)."""
 
-    def loss_terms(self, trainer: "ContinualTrainer", data: torch.Tensor, target: Any,
+    def loss_terms(self, trainer: TrainerView, data: torch.Tensor, target: Any,
                    output: Any) -> dict[str, torch.Tensor]:
         """Extra loss terms added to nnU-Net's task loss in each training step (name -> scalar tensor)."""
         return {}
 
-    def after_backward(self, trainer: "ContinualTrainer") -> None:
+    def after_backward(self, trainer: TrainerView) -> None:
         """Gradients are available here, before clipping and the optimizer step."""
 
-    def after_step(self, trainer: "ContinualTrainer") -> None:
+    def after_step(self, trainer: TrainerView) -> None:
         """After the optimizer step."""
 
-    def after_stage(self, trainer: "ContinualTrainer", stage: Stage) -> None:
+    def after_stage(self, trainer: TrainerView, stage: Stage) -> None:
         """After the last epoch of a stage (importances, teacher snapshots for the next stage, ...)."""
 
     def replay_buffer(self, stage: Stage, earlier: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -114,6 +234,16 @@ class Method:
     def network_for_task(self, network: torch.nn.Module, task: str | None) -> torch.nn.Module:
         """The module that segments ``task`` (e.g. with that task's head). ``None``: the method chooses."""
         return network
+
+    def choose_task(self, network: torch.nn.Module, segment_with: Callable[[torch.nn.Module], Any],
+                    tasks: Sequence[str]) -> str | None:
+        """For ``predict`` without ``--task``: the task whose part of ``network`` segments this image, or ``None``
+        when one module serves every image (``network_for_task(network, None)``), which is the default.
+
+        ``segment_with(module)`` returns the class probabilities ``module`` gives for the image (channels first,
+        through nnU-Net's sliding-window predictor); ``tasks`` are the candidates (the tasks the model was trained
+        on). ``predict`` records every choice in ``chosen_tasks.json``."""
+        return None
 
     # ---- resume --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

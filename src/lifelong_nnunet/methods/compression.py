@@ -107,22 +107,42 @@ def candidates(encoder: nn.Module, num_classes: int, widths: Sequence[float], co
     return sorted(found, key=lambda c: (c.parameters, c.width, c.n_conv))
 
 
-def search_student(encoder: nn.Module, teacher: nn.Module, num_classes: int, val_batches: Sequence[dict],
-                   train_batches: Callable[[], dict], task_loss: Callable, *, widths: Sequence[float],
-                   convs: Sequence[int], max_parameters: float, tolerance: float, iterations: int, lr: float,
-                   temperature: float, kd_weight: float, deep_supervision: bool, device: torch.device,
-                   seed: Callable[[int], None], log: Callable[[str], None] = lambda s: None):
-    """The smallest candidate within ``tolerance`` Dice of the teacher (else the best one). Returns (student,
-    teacher Dice, list of candidate records as dicts); ``None`` as student when no candidate fits the budget."""
+@dataclass(frozen=True)
+class StudentSearch:
+    """The settings of one student search: the candidate grid and its budget, and the distillation recipe.
+
+    - ``widths`` x ``convs``: the candidate decoders (`CompactDecoder` width and convolutions per stage), of which
+      only those with at most ``max_parameters`` parameters are tried, smallest first;
+    - ``tolerance``: a candidate is accepted when its validation Dice is at least the teacher's minus this;
+    - ``iterations``, ``lr``, ``temperature``, ``kd_weight``: how each candidate is distilled (`distil_decoder`);
+    - ``deep_supervision``: whether the students return one output per resolution, like the teacher in training.
+    """
+    widths: tuple[float, ...]
+    convs: tuple[int, ...]
+    max_parameters: float
+    tolerance: float
+    iterations: int
+    lr: float
+    temperature: float
+    kd_weight: float
+    deep_supervision: bool
+
+
+def search_student(encoder: nn.Module, teacher: nn.Module, num_classes: int, search: StudentSearch,
+                   val_batches: Sequence[dict], train_batches: Callable[[], dict], task_loss: Callable,
+                   device: torch.device, seed: Callable[[int], None], log: Callable[[str], None] = lambda s: None):
+    """The smallest candidate within ``search.tolerance`` Dice of the teacher (else the best one), distilled on
+    ``train_batches()`` and judged on ``val_batches``; ``seed(i)`` is called before candidate ``i`` is built. Returns
+    (student, teacher Dice, list of candidate records as dicts); ``None`` as student when no candidate fits."""
     teacher_dice = evaluate_decoder(encoder, teacher, val_batches, num_classes, device)
     tried, best = [], None
-    for i, cand in enumerate(candidates(encoder, num_classes, widths, convs, max_parameters)):
+    for i, cand in enumerate(candidates(encoder, num_classes, search.widths, search.convs, search.max_parameters)):
         seed(i)
-        student = CompactDecoder(encoder, num_classes, cand.width, cand.n_conv, deep_supervision).to(device)
-        distil_decoder(encoder, teacher, student, train_batches, task_loss, iterations, lr, temperature, kd_weight,
-                       device)
+        student = CompactDecoder(encoder, num_classes, cand.width, cand.n_conv, search.deep_supervision).to(device)
+        distil_decoder(encoder, teacher, student, train_batches, task_loss, search.iterations, search.lr,
+                       search.temperature, search.kd_weight, device)
         cand.dice = evaluate_decoder(encoder, student, val_batches, num_classes, device)
-        cand.accepted = bool(np.isnan(teacher_dice) or cand.dice >= teacher_dice - tolerance)
+        cand.accepted = bool(np.isnan(teacher_dice) or cand.dice >= teacher_dice - search.tolerance)
         tried.append(cand)
         log(f"student width {cand.width:g} x{cand.n_conv} conv: {cand.parameters} parameters, Dice {cand.dice:.3f} "
             f"(teacher {teacher_dice:.3f})" + (" accepted" if cand.accepted else ""))

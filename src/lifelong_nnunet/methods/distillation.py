@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from ..errors import UserInputError
 from ..networks.multihead import unwrap
-from .base import Method, Stage
+from ..nnunet.network import deep_supervision_weights, set_deep_supervision
+from .base import Method, Stage, TrainerView
 
 
 # ---- networks -----------------------------------------------------------------------------------------------------
@@ -40,25 +41,8 @@ def snapshot_teacher(network: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
-def set_deep_supervision(network: torch.nn.Module, enabled: bool) -> None:
-    for module in network.modules():
-        if hasattr(module, "deep_supervision"):
-            module.deep_supervision = enabled
-
-
 def as_list(output: Any) -> list[torch.Tensor]:
     return list(output) if isinstance(output, (list, tuple)) else [output]
-
-
-def deep_supervision_weights(n: int) -> list[float]:
-    """nnU-Net 2.8.1's deep-supervision weights (``nnUNetTrainer._build_loss``, single GPU): 1/2^i for output i
-    (highest resolution first), the lowest resolution set to 0, normalised to sum 1. One output: [1.0]."""
-    if n == 1:
-        return [1.0]
-    w = [1 / 2 ** i for i in range(n)]
-    w[-1] = 0.0
-    total = sum(w)
-    return [x / total for x in w]
 
 
 # ---- losses (pure functions of logits) ----------------------------------------------------------------------------
@@ -173,7 +157,8 @@ class DistillationMethod(Method):
                 # the runner has already grown the output layer for this stage's new structures: the teacher is the
                 # previous model, so it keeps only the channels it was trained with (old channels are bitwise kept)
                 from ..networks.output_head import resize_output
-                self.teacher = resize_output(self.teacher, self.labels.num_outputs(trainer.tasks_before))
+                self.teacher = resize_output(self.teacher,
+                                             self.labels.num_outputs(trainer.stage_state.tasks_before))
                 self.teacher.eval().requires_grad_(False)
 
     def after_stage(self, trainer, stage: Stage) -> None:
@@ -191,10 +176,10 @@ class DistillationMethod(Method):
             return as_list(self.teacher(data))
 
     @staticmethod
-    def annotated_classes(trainer, n_student: int) -> list[int]:
-        """Output channels annotated in this stage's data: ``trainer.annotated_classes`` when the trainer provides
-        it (class-incremental runs), otherwise every output channel (domain scenario: all labels annotated)."""
-        classes = getattr(trainer, "annotated_classes", None)
+    def annotated_classes(trainer: TrainerView, n_student: int) -> list[int]:
+        """Output channels annotated in this stage's data: the stage state's (class scenario), or every one of the
+        student's ``n_student`` channels (domain scenario, where the state records ``None``: all annotated)."""
+        classes = trainer.stage_state.annotated_classes
         return list(range(n_student)) if classes is None else [int(c) for c in classes]
 
     def loss_terms(self, trainer, data, target, output) -> dict[str, torch.Tensor]:

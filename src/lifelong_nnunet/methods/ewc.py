@@ -7,11 +7,10 @@ Dice+CE deep-supervision loss, computed in `after_stage`. See docs/methods/ewc.m
 """
 from __future__ import annotations
 
-from typing import Any
 
-from .base import Stage
-from .importance import Quadratic, QuadraticMethod, gradient_importance, non_negative, positive_int, probability, \
-    snapshot
+from .base import Stage, TrainerView
+from .importance import Quadratic, QuadraticMethod, gradient_importance, snapshot
+from .params import flag, integer, number
 
 
 class EWC(QuadraticMethod):
@@ -21,32 +20,24 @@ class EWC(QuadraticMethod):
         # Penalty strength. Our Fisher is a per-sample (mean-loss) Fisher, so lambda plays the role of the number of
         # training samples in the Laplace approximation; 1e3 is also the middle of the range used with CE losses
         # (1e2..1e4) and keeps lr * lambda * max(F) well inside SGD's stable range. See docs/methods/ewc.md.
-        "lambda": 1000.0,
+        "lambda": number(1000.0, min=0),
         # Batches for the Fisher (x batch size samples). nnU-Net v1's Lifelong nnU-Net used one batch; 20 batches
         # (40 patches at nnU-Net's usual batch size 2) cover many cases and foreground-oversampled patches.
-        "fisher_batches": 20,
+        "fisher_batches": integer(20, min=1),
         # Online EWC (Schwarz et al. 2018): one running Fisher with decay gamma, anchored at the latest weights.
-        "online": False,
-        "gamma": 1.0,  # Schwarz et al. 2018 use gamma <= 1; 1.0 keeps every earlier task at full weight
+        "online": flag(False),
+        # Schwarz et al. 2018 use gamma <= 1; 1.0 keeps every earlier task at full weight
+        "gamma": number(1.0, min=0, max=1),
     }
-
-    def __init__(self, **overrides: Any) -> None:
-        super().__init__(**overrides)
-        non_negative(self.config["lambda"], "ewc: lambda")
-        positive_int(self.config["fisher_batches"], "ewc: fisher_batches")
-        probability(self.config["gamma"], "ewc: gamma")
-        if not isinstance(self.config["online"], bool):
-            from ..errors import UserInputError
-            raise UserInputError(f"ewc: online must be true or false, got {self.config['online']!r}")
 
     def coefficient(self) -> float:
         return float(self.config["lambda"]) / 2.0
 
-    def fisher(self, trainer: Any) -> dict:
+    def fisher(self, trainer: TrainerView) -> dict:
         """Empirical Fisher of the finished task: mean squared per-sample gradient of trainer.loss."""
         return gradient_importance(trainer, self.config["fisher_batches"], trainer.loss, transform="square")
 
-    def after_stage(self, trainer: Any, stage: Stage) -> None:
+    def after_stage(self, trainer: TrainerView, stage: Stage) -> None:
         fisher, anchor = self.fisher(trainer), snapshot(trainer.network)
         if self.quadratic is None:
             quadratic = Quadratic(fisher, anchor, 0.0)

@@ -8,14 +8,15 @@ still trains a full decoder. See docs/methods/frozen_body.md.
 """
 from __future__ import annotations
 
-from ..networks.multihead import MultiHeadNetwork, unwrap
+from ..networks.multihead import SPLITS, MultiHeadNetwork, unwrap
 from .base import Stage
 from .multihead import MultiHead
+from .params import one_of
 
 
 class FrozenBody(MultiHead):
     name = "frozen_body"
-    params = {"split": "decoder"}
+    params = {"split": one_of("decoder", SPLITS)}
 
     def before_stage(self, trainer, stage: Stage) -> None:
         super().before_stage(trainer, stage)

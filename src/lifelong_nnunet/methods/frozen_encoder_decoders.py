@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import UserInputError
 from ..io_utils import write_json
 from ..networks.encoder_decoders import (
     CompactDecoder,
@@ -30,32 +29,36 @@ from ..networks.encoder_decoders import (
 from ..networks.merge import fit_temperature
 from ..networks.multihead import unwrap
 from ..networks.output_head import resize_output
+from ..seeding import seed_everything
 from .base import Method, Stage
-from .compression import search_student, validation_logits
+from .compression import StudentSearch, search_student, validation_logits
+from .params import Param, flag, integer, number, numbers
 
 
 class FrozenEncoderDecoders(Method):
     name = "frozen_encoder_decoders"
     scenarios = ("class",)
-    params: ClassVar[dict[str, Any]] = {
-        "compress": True,  # distil each new decoder (stage 2 on) into a smaller student
-        "widths": [0.25, 0.5],  # candidate student widths, as fractions of the encoder's features per stage
-        "convs": [1, 2],  # candidate convolutions per decoder stage
-        "size_budget": 0.25,  # a student may have at most this fraction of one nnU-Net's parameters
-        "dice_tolerance": 0.01,  # accept the smallest student within this Dice of its teacher (validation patches)
-        "student_budget": 0.5,  # student training iterations, as a fraction of the stage's
-        "kd_temperature": 2.0,
-        "kd_weight": 1.0,
-        "min_confidence": 0.5,  # merge: a decoder claims a voxel only with at least this calibrated probability
-        "calibrate": True,  # fit a temperature per decoder on its task's validation patches
-        "val_batches": 10,  # validation patches (batches) for the student choice and the calibration
+    params: ClassVar[dict[str, Param]] = {
+        "compress": flag(True),  # distil each new decoder (stage 2 on) into a smaller student
+        # candidate student widths, as fractions of the encoder's features per stage
+        "widths": numbers([0.25, 0.5], min=0, min_open=True),
+        "convs": numbers([1, 2], min=1, whole=True),  # candidate convolutions per decoder stage
+        # a student may have at most this fraction of one nnU-Net's parameters
+        "size_budget": number(0.25, min=0, max=1, min_open=True),
+        # accept the smallest student within this Dice of its teacher (validation patches)
+        "dice_tolerance": number(0.01, min=0),
+        # student training iterations, as a fraction of the stage's
+        "student_budget": number(0.5, min=0, min_open=True),
+        "kd_temperature": number(2.0, min=0, min_open=True),
+        "kd_weight": number(1.0, min=0),
+        # merge: a decoder claims a voxel only with at least this calibrated probability
+        "min_confidence": number(0.5, min=0, max=1),
+        "calibrate": flag(True),  # fit a temperature per decoder on its task's validation patches
+        "val_batches": integer(10, min=1),  # validation patches (batches) for the student choice and the calibration
     }
 
     def __init__(self, **overrides) -> None:
         super().__init__(**overrides)
-        if not 0 < float(self.config["size_budget"]) <= 1:
-            raise UserInputError(f"method '{self.name}': size_budget must be in (0, 1], not "
-                                 f"{self.config['size_budget']!r}. Fix method_params in the spec.")
         self.arch: dict[str, dict] = {}  # task -> {"width", "n_conv"} of its compressed decoder
         self.records: dict[str, dict] = {}  # task -> parameters, FLOPs, Dice, temperature of its decoder
 
@@ -124,22 +127,22 @@ class FrozenEncoderDecoders(Method):
         val = list(trainer.validation_batches(int(self.config["val_batches"])))
         full = net.decoder(task)
         record: dict[str, Any] = {"teacher_parameters": parameter_count(full.decoder)}
-        patch, n_in = trainer.configuration_manager.patch_size, trainer.num_input_channels
+        patch, n_in = trainer.patch_size, trainer.num_input_channels
         record["teacher_flops"] = decoder_flops(net.encoder, full.decoder, patch, n_in)
         if stage.index > 1 and self.config["compress"]:
             base = parameter_count(net.encoder) + parameter_count(net.decoder(net.tasks[0]).decoder)
-            from ..nnunet.trainer import seed_everything
             train_batches = trainer.training_batches(10**9)
-            student, teacher_dice, tried = search_student(
-                net.encoder, full.decoder, self._num_local(task), val, lambda: next(train_batches), trainer.loss,
-                widths=self.config["widths"], convs=self.config["convs"],
+            search = StudentSearch(
+                widths=tuple(self.config["widths"]), convs=tuple(self.config["convs"]),
                 max_parameters=float(self.config["size_budget"]) * base, tolerance=float(self.config["dice_tolerance"]),
                 iterations=max(1, round(float(self.config["student_budget"]) * trainer.num_epochs
                                         * trainer.num_iterations_per_epoch)),
                 lr=trainer.initial_lr, temperature=float(self.config["kd_temperature"]),
                 kd_weight=float(self.config["kd_weight"]),
-                deep_supervision=bool(getattr(full.decoder, "deep_supervision", False)), device=device,
-                seed=lambda i: seed_everything(trainer.seed, stage.index, 1000 + i),
+                deep_supervision=bool(getattr(full.decoder, "deep_supervision", False)))
+            student, teacher_dice, tried = search_student(
+                net.encoder, full.decoder, self._num_local(task), search, val, lambda: next(train_batches),
+                trainer.loss, device, seed=lambda i: seed_everything(trainer.seed, stage.index, 1000 + i),
                 log=lambda s: trainer.print_to_log_file(s))
             record.update(teacher_dice=teacher_dice, candidates=tried, base_parameters=base)
             if student is not None:
@@ -158,7 +161,7 @@ class FrozenEncoderDecoders(Method):
         decoder.requires_grad_(False)
         net.active = None
         self.records[task] = record
-        write_json(Path(trainer.stage_dir) / "decoder.json", {task: record})
+        write_json(Path(trainer.stage_state.stage_dir) / "decoder.json", {task: record})
 
     # ---- resume ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from .base import Method, Stage
+from .base import Method, Stage, TrainerView
 
 Tensors = dict[str, torch.Tensor]
 
@@ -60,7 +60,7 @@ def highest_resolution(output: Any) -> torch.Tensor:
 
 
 # ---- importance from gradients ----------------------------------------------------------------------------------
-def gradient_importance(trainer: Any, n_batches: int, objective: Callable[[Any, Any], torch.Tensor],
+def gradient_importance(trainer: TrainerView, n_batches: int, objective: Callable[[Any, Any], torch.Tensor],
                         transform: str = "square") -> Tensors:
     """Mean over all samples of ``n_batches`` training batches of ``transform(d objective / d theta)``.
 
@@ -203,11 +203,11 @@ class QuadraticMethod(Method):
             self._bound = BoundPenalty(network, self.quadratic, self.coefficient())
         return self._bound
 
-    def before_stage(self, trainer: Any, stage: Stage) -> None:
+    def before_stage(self, trainer: TrainerView, stage: Stage) -> None:
         self._bound = None
         self._penalty(trainer.network)
 
-    def loss_terms(self, trainer: Any, data: torch.Tensor, target: Any, output: Any) -> dict[str, torch.Tensor]:
+    def loss_terms(self, trainer: TrainerView, data: torch.Tensor, target: Any, output: Any) -> dict[str, torch.Tensor]:
         penalty = self._penalty(trainer.network)
         return {} if penalty is None else {self.term: penalty()}
 
@@ -230,28 +230,6 @@ class QuadraticMethod(Method):
         self.tasks_seen = int(state["tasks_seen"])
         self.quadratic = Quadratic.from_state(state["quadratic"])
         self._bound = None
-
-
-def positive_int(value: Any, what: str) -> int:
-    from ..errors import UserInputError
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserInputError(f"{what} must be a positive integer, got {value!r}")
-    return value
-
-
-def probability(value: Any, what: str, allow_zero: bool = True) -> float:
-    from ..errors import UserInputError
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value <= 1) \
-            or (not allow_zero and value == 0):
-        raise UserInputError(f"{what} must be a number in {'[0, 1]' if allow_zero else '(0, 1]'}, got {value!r}")
-    return float(value)
-
-
-def non_negative(value: Any, what: str) -> float:
-    from ..errors import UserInputError
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise UserInputError(f"{what} must be a non-negative number, got {value!r}")
-    return float(value)
 
 
 __all__ = ["Tensors", "trainable_parameters", "snapshot", "to_cpu", "highest_resolution",

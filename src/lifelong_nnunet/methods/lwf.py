@@ -10,7 +10,7 @@ are the trainer's live output, so the term back-propagates into every student pa
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -21,6 +21,7 @@ from .distillation import (
     softened_kl,
     weighted_over_outputs,
 )
+from .params import Param, number
 
 
 def lwf_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], temperature: float,
@@ -35,7 +36,8 @@ class LwF(DistillationMethod):
     name = "lwf"
     #: lambda (lambda_o in the paper): 1, the paper's default loss balance; temperature T = 2, the paper's choice
     #: following Hinton et al. 2015 (Li & Hoiem, Sec. 3).
-    params: ClassVar[dict[str, Any]] = {"lambda": 1.0, "temperature": 2.0}
+    params: ClassVar[dict[str, Param]] = {"lambda": number(1.0, min=0),
+                                          "temperature": number(2.0, min=0, min_open=True)}
 
     def distill(self, trainer, data, target, output, teacher_output):
         return {"lwf": lwf_loss(as_list(output), teacher_output, float(self.config["temperature"]),

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from .base import Stage
-from .importance import Quadratic, QuadraticMethod, gradient_importance, highest_resolution, non_negative, \
-    positive_int, snapshot
+from .base import Stage, TrainerView
+from .importance import Quadratic, QuadraticMethod, gradient_importance, highest_resolution, snapshot
+from .params import integer, number
 
 
 def output_sensitivity_objective(output: Any, target: Any) -> torch.Tensor:
@@ -25,23 +25,18 @@ class MAS(QuadraticMethod):
     name = "mas"
     term = "mas"
     params = {
-        "lambda": 1.0,             # Aljundi et al. 2018 use lambda = 1 in their experiments
-        "importance_batches": 20,  # as ewc's fisher_batches: many batches, never one
+        "lambda": number(1.0, min=0),              # Aljundi et al. 2018 use lambda = 1 in their experiments
+        "importance_batches": integer(20, min=1),  # as ewc's fisher_batches: many batches, never one
     }
-
-    def __init__(self, **overrides: Any) -> None:
-        super().__init__(**overrides)
-        non_negative(self.config["lambda"], "mas: lambda")
-        positive_int(self.config["importance_batches"], "mas: importance_batches")
 
     def coefficient(self) -> float:
         return float(self.config["lambda"])  # MAS's penalty has no 1/2 (Aljundi et al. 2018, eq. 10)
 
-    def importance(self, trainer: Any) -> dict:
+    def importance(self, trainer: TrainerView) -> dict:
         return gradient_importance(trainer, self.config["importance_batches"], output_sensitivity_objective,
                                    transform="abs")
 
-    def after_stage(self, trainer: Any, stage: Stage) -> None:
+    def after_stage(self, trainer: TrainerView, stage: Stage) -> None:
         omega, anchor = self.importance(trainer), snapshot(trainer.network)
         quadratic = Quadratic(omega, anchor, 0.0) if self.quadratic is None \
             else self.quadratic.decayed_with_new_anchor(1.0, omega, anchor)

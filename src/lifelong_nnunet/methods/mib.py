@@ -7,13 +7,14 @@ annotated in the current task's data. See docs/methods/mib.md for the formulas a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ..networks.multihead import unwrap
 from .distillation import DistillationMethod, as_list, weighted_over_outputs
+from .params import Param, number, one_of
 
 
 def _merge_background(log_probs: torch.Tensor, merged: Sequence[int], background: int) -> torch.Tensor:
@@ -84,7 +85,8 @@ class MiB(DistillationMethod):
     #: 2020, Sec. 3.4): w_c = w_b, b_c = b_b - log(|N| + 1), and b_b gets the same shift, so at the start of the
     #: stage the new classes share the old background probability equally and the model's old predictions are
     #: unchanged; "random" keeps nnU-Net's He initialisation of the grown channels.
-    params: ClassVar[dict[str, Any]] = {"lambda": 10.0, "init_new": "background"}
+    params: ClassVar[dict[str, Param]] = {"lambda": number(10.0, min=0),
+                                          "init_new": one_of("background", ("background", "random"))}
 
     def before_stage(self, trainer, stage) -> None:
         super().before_stage(trainer, stage)
@@ -101,7 +103,7 @@ class MiB(DistillationMethod):
         if any(c not in set(new) and c != 0 for c in old):
             # class-incremental: swap the CE inside nnU-Net's Dice+CE (weight 1, same deep-supervision weights)
             # for the unbiased CE by adding sum_k w_k (UCE_k - CE_k); nothing is added in the domain scenario.
-            ignore = getattr(getattr(trainer, "label_manager", None), "ignore_label", None)
+            ignore = trainer.ignore_label
             targets = as_list(target)
             terms["mib_unce_correction"] = weighted_over_outputs(
                 lambda s, t, k: unbiased_cross_entropy(s, targets[k], old, new, ignore_index=ignore)

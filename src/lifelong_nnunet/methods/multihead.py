@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..errors import UserInputError
 from ..networks.multihead import (
     SPLITS,
     AutoHeadNetwork,
@@ -19,18 +18,13 @@ from ..networks.multihead import (
     unwrap,
 )
 from .base import Method, Stage
+from .params import one_of
 
 
 class MultiHead(Method):
     name = "multihead"
     scenarios = ("domain",)  # one head per domain; for new structures use frozen_encoder_decoders
-    params = {"split": "seg_layers"}
-
-    def __init__(self, **overrides) -> None:
-        super().__init__(**overrides)
-        if self.config["split"] not in SPLITS:
-            raise UserInputError(f"method '{self.name}': split must be one of {', '.join(SPLITS)}, not "
-                                 f"{self.config['split']!r}. Fix method_params in the spec.")
+    params = {"split": one_of("seg_layers", SPLITS)}
 
     # ---- architecture ---------------------------------------------------------------------------------------
     def adapt_network(self, network: torch.nn.Module, tasks_so_far: list[str]) -> torch.nn.Module:

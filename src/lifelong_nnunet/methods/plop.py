@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserInputError
 from .distillation import DistillationMethod, FeatureCapture, as_list
+from .params import Param, names, number, numbers
 
 _EPS = 1e-8
 
@@ -123,15 +123,14 @@ class PLOP(DistillationMethod):
     #: pod_lambda 0.01 (Douillard et al. 2021, Sec. 4 implementation details); scales [1, 2, 4]: the paper's
     #: Local POD scales 1/1, 1/2, 1/4 (here each spatial axis in 1, 2, 4 parts); pod_layers: every encoder stage
     #: (the paper distils the output of every backbone block).
-    params: ClassVar[dict[str, Any]] = {"pod_lambda": 0.01, "pod_layers": ["encoder.stages.*"], "scales": [1, 2, 4]}
+    params: ClassVar[dict[str, Param]] = {
+        "pod_lambda": number(0.01, min=0),
+        "pod_layers": names(["encoder.stages.*"], "module names ('name.*': all children of 'name')"),
+        "scales": numbers([1, 2, 4], min=1, whole=True),
+    }
 
     def __init__(self, **overrides) -> None:
         super().__init__(**overrides)
-        scales = self.config["scales"]
-        if not scales or any(int(s) != s or s < 1 for s in scales):
-            raise UserInputError(f"method 'plop': scales must be positive integers, got {scales}")
-        if isinstance(self.config["pod_layers"], str) or not self.config["pod_layers"]:
-            raise UserInputError("method 'plop': pod_layers must be a non-empty list of module names")
         self.student_capture: FeatureCapture | None = None
         self.teacher_capture: FeatureCapture | None = None
 

@@ -15,8 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserInputError
 from .base import Method, Stage
+from .params import Param, integer, is_number, number
+
+
+def _cases_per_task(value: Any) -> bool:
+    """A whole number of cases (>= 1, also written 3.0) or a fraction of the task's cases in (0, 1)."""
+    return is_number(value) and value > 0 and (value < 1 or float(value).is_integer())
 
 
 class Rehearsal(Method):
@@ -24,25 +29,16 @@ class Rehearsal(Method):
     keeps_old_data = True
     # replayed cases do not annotate later tasks' structures, so they would teach them as background
     scenarios = ("domain",)
-    params = {"cases_per_task": 2, "max_cases": 20, "share": 0.3, "seed": 0}
+    params = {
+        # a count of cases per task, or a fraction of each task's training cases
+        "cases_per_task": Param(2, "a whole number >= 1 or a fraction in (0, 1)", _cases_per_task),
+        "max_cases": integer(20, min=1, null="no bound"),
+        "share": number(0.3, min=0, max=1, max_open=True),
+        "seed": integer(0),
+    }
 
     def __init__(self, **overrides: Any) -> None:
         super().__init__(**overrides)
-        c = self.config
-        per_task = c["cases_per_task"]
-        if isinstance(per_task, bool) or not isinstance(per_task, (int, float)) or per_task <= 0 \
-                or (isinstance(per_task, float) and not float(per_task).is_integer() and per_task >= 1):
-            raise UserInputError(f"method 'rehearsal': cases_per_task must be a whole number >= 1 or a fraction in "
-                                 f"(0, 1), not {per_task!r}. Fix method_params in the spec.")
-        if c["max_cases"] is not None and (isinstance(c["max_cases"], bool) or not isinstance(c["max_cases"], int)
-                                           or c["max_cases"] < 1):
-            raise UserInputError(f"method 'rehearsal': max_cases must be a whole number >= 1 (or null for no bound), "
-                                 f"not {c['max_cases']!r}. Fix method_params in the spec.")
-        if isinstance(c["share"], bool) or not isinstance(c["share"], (int, float)) or not 0.0 <= c["share"] < 1.0:
-            raise UserInputError(f"method 'rehearsal': share must be in [0, 1), not {c['share']!r}. "
-                                 f"Fix method_params in the spec.")
-        if isinstance(c["seed"], bool) or not isinstance(c["seed"], int):
-            raise UserInputError(f"method 'rehearsal': seed must be a whole number, not {c['seed']!r}.")
         #: task -> kept case IDs, in the order drawn (tasks in the order they entered the memory)
         self.buffer: dict[str, list[str]] = {}
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from .base import Stage
-from .importance import Quadratic, QuadraticMethod, Tensors, non_negative, positive_int, probability, snapshot, \
-    to_cpu, trainable_parameters
+from .base import Stage, TrainerView
+from .importance import Quadratic, QuadraticMethod, Tensors, snapshot, to_cpu, trainable_parameters
+from .params import integer, number
 
 
 def _max(tensors: Tensors) -> float:
@@ -25,20 +25,17 @@ class RWalk(QuadraticMethod):
     name = "rw"
     term = "rw"
     params = {
-        "lambda": 0.4,          # Lifelong nnU-Net (Gonzalez et al. 2023) default rw_lambda; importances are in [0, 2]
-        "alpha": 0.9,           # EWC++ moving-average weight (Chaudhry et al. 2018; also Lifelong nnU-Net's default)
-        "update_interval": 10,  # steps between Fisher / score updates (Lifelong nnU-Net's update_after default)
-        "eps": 1e-8,            # damping of the score's denominator
+        # Lifelong nnU-Net (Gonzalez et al. 2023) default rw_lambda; importances are in [0, 2]
+        "lambda": number(0.4, min=0),
+        # EWC++ moving-average weight (Chaudhry et al. 2018; also Lifelong nnU-Net's default)
+        "alpha": number(0.9, min=0, max=1, min_open=True),
+        # steps between Fisher / score updates (Lifelong nnU-Net's update_after default)
+        "update_interval": integer(10, min=1),
+        "eps": number(1e-8, min=0, min_open=True),  # damping of the score's denominator
     }
 
     def __init__(self, **overrides: Any) -> None:
         super().__init__(**overrides)
-        non_negative(self.config["lambda"], "rw: lambda")
-        probability(self.config["alpha"], "rw: alpha", allow_zero=False)
-        positive_int(self.config["update_interval"], "rw: update_interval")
-        if not float(non_negative(self.config["eps"], "rw: eps")) > 0:
-            from ..errors import UserInputError
-            raise UserInputError("rw: eps must be > 0")
         self.fisher: Tensors | None = None  # EWC++ running Fisher, carried across tasks
         self.score: Tensors | None = None   # normalised path-integral score, averaged over finished tasks
         self.path: Tensors | None = None    # raw path integral of the current task
@@ -66,13 +63,13 @@ class RWalk(QuadraticMethod):
         self._tracked = network
         self._pending = None
 
-    def before_stage(self, trainer: Any, stage: Stage) -> None:
+    def before_stage(self, trainer: TrainerView, stage: Stage) -> None:
         super().before_stage(trainer, stage)
         self._tracked = None
         self._track(trainer.network)
 
     @torch.no_grad()
-    def after_backward(self, trainer: Any) -> None:
+    def after_backward(self, trainer: TrainerView) -> None:
         network = trainer.network
         self._track(network)
         self.step += 1
@@ -95,7 +92,7 @@ class RWalk(QuadraticMethod):
         self._pending = (grads, [p.detach().float().clone() for p in self._params])
 
     @torch.no_grad()
-    def after_step(self, trainer: Any) -> None:
+    def after_step(self, trainer: TrainerView) -> None:
         if self._pending is None:
             return
         grads, before = self._pending
@@ -111,7 +108,7 @@ class RWalk(QuadraticMethod):
 
     # ---- end of a task --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def after_stage(self, trainer: Any, stage: Stage) -> None:
+    def after_stage(self, trainer: TrainerView, stage: Stage) -> None:
         self._track(trainer.network)
         s_task = {n: t.clamp(min=0) for n, t in self.path.items()}
         top = _max(s_task)

@@ -17,13 +17,12 @@ import copy
 from collections.abc import Sequence
 
 import torch
-from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
-from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
-from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
+from ..nnunet.network import StackedConvBlocks, he_initialise, set_deep_supervision, transposed_conv_for
 from .merge import merge_decoders
 from .multihead import head_key
+from .shallow import shallow_copy
 
 
 class CompactDecoder(nn.Module):
@@ -40,7 +39,7 @@ class CompactDecoder(nn.Module):
         self.width, self.n_conv = float(width), int(n_conv)
         channels = list(encoder.output_channels)
         features = [max(min_features, int(round(width * c))) for c in channels]
-        transpconv = get_matching_convtransp(conv_op=encoder.conv_op)
+        transpconv = transposed_conv_for(encoder.conv_op)
         stages, transpconvs, seg_layers = [], [], []
         below = channels[-1]
         for s in range(1, len(channels)):
@@ -56,7 +55,7 @@ class CompactDecoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.transpconvs = nn.ModuleList(transpconvs)
         self.seg_layers = nn.ModuleList(seg_layers)
-        self.apply(InitWeights_He(1e-2))
+        he_initialise(self)
 
     def forward(self, skips: Sequence[torch.Tensor]):
         x, outputs = skips[-1], []
@@ -71,16 +70,14 @@ class CompactDecoder(nn.Module):
 def without_encoder(decoder: nn.Module) -> nn.Module:
     """nnU-Net's ``UNetDecoder`` keeps a reference to the encoder (only for size bookkeeping); a decoder stored next
     to the shared encoder must not carry a second copy of its weights in the ``state_dict``."""
-    clone = copy.copy(decoder)
-    clone._modules = type(decoder._modules)((k, v) for k, v in decoder._modules.items() if k != "encoder")
-    return clone
+    return shallow_copy(decoder, drop=("encoder",))
 
 
 def fresh_segmentation_layers(decoder: nn.Module, num_classes: int) -> nn.Module:
     """A deep copy of ``decoder`` with new (He-initialised) 1x1 segmentation layers for ``num_classes`` classes."""
     new = copy.deepcopy(decoder)
     new.seg_layers = nn.ModuleList(type(c)(c.in_channels, num_classes, 1, 1, 0, bias=True) for c in decoder.seg_layers)
-    new.seg_layers.apply(InitWeights_He(1e-2))
+    he_initialise(new.seg_layers)
     if hasattr(new, "num_classes"):
         new.num_classes = num_classes
     return new
@@ -178,10 +175,10 @@ def decoder_flops(encoder: nn.Module, decoder: nn.Module, patch_size: Sequence[i
     with torch.no_grad():
         skips = encoder(torch.zeros(1, in_channels, *patch_size, device=device))
         was = getattr(decoder, "deep_supervision", False)
-        _set_deep_supervision(decoder, False)
+        set_deep_supervision(decoder, False)
         with FlopCounterMode(display=False) as counter:
             decoder(skips)
-        _set_deep_supervision(decoder, was)
+        set_deep_supervision(decoder, was)
     return int(counter.get_total_flops())
 
 
@@ -192,8 +189,3 @@ def encoder_flops(encoder: nn.Module, patch_size: Sequence[int], in_channels: in
         encoder(torch.zeros(1, in_channels, *patch_size, device=device))
     return int(counter.get_total_flops())
 
-
-def _set_deep_supervision(module: nn.Module, enabled: bool) -> None:
-    for m in module.modules():
-        if hasattr(m, "deep_supervision"):
-            m.deep_supervision = enabled

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .shallow import shallow_copy
+
 SPLITS = ("seg_layers", "decoder")
 _RESERVED = nn.ModuleDict()
 
@@ -41,14 +43,6 @@ def head_key(task: str) -> str:
     if not key or hasattr(_RESERVED, key):
         key = "task_" + key
     return key
-
-
-def _shallow(module: nn.Module) -> nn.Module:
-    """A new module object of the same class sharing every submodule, parameter and buffer, with its own table of
-    children (so replacing a child in the copy leaves the original untouched)."""
-    clone = copy.copy(module)
-    clone._modules = type(module._modules)(module._modules)
-    return clone
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -81,13 +75,13 @@ class MultiHeadNetwork(nn.Module):
         if not (hasattr(base, "encoder") and hasattr(getattr(base, "decoder", None), "seg_layers")):
             raise TypeError(f"{type(base).__name__} has no .encoder and .decoder.seg_layers; MultiHeadNetwork wraps "
                             f"nnU-Net's U-Net architectures (PlainConvUNet, ResidualEncoderUNet)")
-        body = _shallow(base)
+        body = shallow_copy(base)
         if split == "seg_layers":
-            decoder = _shallow(base.decoder)
+            decoder = shallow_copy(base.decoder)
             first = decoder._modules.pop("seg_layers")
             body._modules["decoder"] = decoder
         else:
-            first = _shallow(body._modules.pop("decoder"))
+            first = shallow_copy(body._modules.pop("decoder"))
             first._modules.pop("encoder", None)  # the shared encoder stays in the body only
         self._init_parts(body, split)
         self._register(tasks[0], first)
@@ -160,12 +154,12 @@ class MultiHeadNetwork(nn.Module):
         """The wrapped network's class with the body and ``task``'s head (default: the active one), parameters
         shared: a stock nnU-Net network as far as ``forward`` and ``state_dict`` go."""
         head = self.head(task if task is not None else self.active)
-        view = _shallow(self.body)
+        view = shallow_copy(self.body)
         if self.split == "seg_layers":
-            decoder = _shallow(self.body.decoder)
+            decoder = shallow_copy(self.body.decoder)
             decoder._modules["seg_layers"] = head
         else:
-            decoder = _shallow(head)
+            decoder = shallow_copy(head)
             decoder._modules = type(head._modules)({"encoder": self.body.encoder, **head._modules})
         view._modules["decoder"] = decoder
         return view

@@ -8,16 +8,11 @@ bias). The result is a new network object that shares every other module, so the
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
-
-def _shallow(module: nn.Module) -> nn.Module:
-    clone = copy.copy(module)
-    clone._modules = type(module._modules)(module._modules)
-    return clone
+from ..nnunet.network import he_initialise
+from .shallow import shallow_copy
 
 
 def num_outputs(network: nn.Module) -> int:
@@ -27,8 +22,7 @@ def num_outputs(network: nn.Module) -> int:
 def resized_conv(conv: nn.Module, n: int) -> nn.Module:
     """A copy of the 1x1 convolution ``conv`` with ``n`` output channels; kept channels are copied exactly."""
     new = type(conv)(conv.in_channels, n, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
-    new = new.to(device=conv.weight.device, dtype=conv.weight.dtype)
-    nn.init.kaiming_normal_(new.weight, a=1e-2)
+    new = he_initialise(new.to(device=conv.weight.device, dtype=conv.weight.dtype))  # nnU-Net's initialisation
     keep = min(n, conv.out_channels)
     with torch.no_grad():
         new.weight[:keep] = conv.weight[:keep]
@@ -43,10 +37,10 @@ def resize_output(network: nn.Module, n: int) -> nn.Module:
     modules) whose segmentation layers have ``n`` channels."""
     if num_outputs(network) == n:
         return network
-    decoder = _shallow(network.decoder)
+    decoder = shallow_copy(network.decoder)
     decoder._modules["seg_layers"] = nn.ModuleList(resized_conv(c, n) for c in network.decoder.seg_layers)
     if hasattr(decoder, "num_classes"):
         decoder.num_classes = n
-    net = _shallow(network)
+    net = shallow_copy(network)
     net._modules["decoder"] = decoder
     return net

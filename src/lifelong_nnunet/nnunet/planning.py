@@ -10,9 +10,7 @@ the same ``plan_with``) reuses one planning, and runs on the same tasks and spli
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -20,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..console import silenced_stdout
 from ..errors import UserInputError
 from ..experiment import task_id_of
 from ..io_utils import write_json
@@ -150,24 +149,17 @@ def _plan_and_preprocess(tasks: list[tuple[str, int]], configuration: str, log) 
     first_name, first_id = tasks[0]
     for i, (name, dataset_id) in enumerate(tasks):
         log(f"Planning [{i + 1}/{len(tasks)}] {name}: fingerprint")
-        with _quiet():
+        with silenced_stdout():
             extract_fingerprint_dataset(dataset_id, num_processes=2, verbose=False, show_progress_bar=False)
             plan_experiment_dataset(dataset_id)  # also places dataset.json where preprocessing needs it
             if dataset_id != first_id:
                 move_plans_between_datasets(first_id, dataset_id, PLANS_NAME, PLANS_NAME)
         log(f"Preprocessing [{i + 1}/{len(tasks)}] {name} with the plans of {first_name}")
-        with _quiet():
+        with silenced_stdout():
             preprocess_dataset(dataset_id, PLANS_NAME, (configuration,), (2,), verbose=False,
                                show_progress_bar=False)
         # nnU-Net copies the label maps here for its own validation; we evaluate from the raw test files instead
         shutil.rmtree(Path(os.environ["nnUNet_preprocessed"]) / name / "gt_segmentations", ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """nnU-Net prints a lot while planning; keep the console for our progress lines."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
 
 
 def _child_main(argv: list[str]) -> None:

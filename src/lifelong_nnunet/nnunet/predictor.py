@@ -1,8 +1,6 @@
 """Full sliding-window inference through nnU-Net's own predictor, initialised manually (no lookup by name)."""
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +8,8 @@ import torch
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from ..console import silenced_stdout
 
 
 class Segmenter:
@@ -20,7 +20,7 @@ class Segmenter:
                  device: torch.device, mirroring: bool = False, tile_step_size: float = 0.5) -> None:
         pm = PlansManager(plans)
         cm = pm.get_configuration(configuration)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with silenced_stdout():
             self.predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
                                              perform_everything_on_device=device.type == "cuda", device=device,
                                              verbose=False, verbose_preprocessing=False, allow_tqdm=False)
@@ -35,7 +35,7 @@ class Segmenter:
 
     def predict_arrays(self, image: np.ndarray, properties: dict, probabilities: bool = False):
         """Label map in the input's voxel grid (z, y, x as SimpleITK reads it); optionally the class probabilities."""
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        with torch.no_grad(), silenced_stdout():
             return self.predictor.predict_single_npy_array(image, properties, None, None, probabilities)
 
     def predict_files(self, image_files: list[Path]) -> tuple[np.ndarray, dict]:

@@ -8,10 +8,11 @@ What it changes and why:
   ``weights_only=True``), and carry the method's state, so a killed stage resumes where it stopped;
 - every epoch is seeded from (seed, stage, epoch), so a resumed stage draws the same random numbers;
 - nnU-Net's console printing is replaced by a progress callback.
+
+It implements `methods.base.TrainerView`, which is all a method's hooks may use of it.
 """
 from __future__ import annotations
 
-import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,9 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from ..io_utils import atomic_write
-from ..methods.base import Method, Stage
+from ..methods.base import Method, Stage, StageState
+from ..seeding import seed_everything
+from .network import set_deep_supervision
 
 LATEST = "checkpoint_latest.pth"
 
@@ -72,23 +75,16 @@ class MultiSourceDataset(nnUNetBaseDataset):
         raise NotImplementedError
 
 
-def seed_everything(*parts: int) -> None:
-    seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 class ContinualTrainer(nnUNetTrainer):
     """nnUNetTrainer with continual-learning hooks. Call `configure` before `initialize`."""
 
-    def configure(self, *, sources: list[DataSource], method: Method, stage: Stage, epochs: int,
+    def configure(self, *, sources: list[DataSource], method: Method, stage_state: StageState, epochs: int,
                   iterations_per_epoch: int, val_iterations: int, initial_lr: float, seed: int,
                   batch_size: int | None = None,
                   on_epoch: Callable[[int, int, dict], None] | None = None) -> None:
         self.sources = sources
         self.method = method
-        self.stage = stage
+        self._stage_state = stage_state
         self.num_epochs = epochs
         self.num_iterations_per_epoch = iterations_per_epoch
         self.num_val_iterations_per_epoch = val_iterations
@@ -101,6 +97,25 @@ class ContinualTrainer(nnUNetTrainer):
                             if (lut := method.training_label_map(s.task)) is not None}
         if batch_size is not None:
             self.configuration_manager.configuration["batch_size"] = batch_size
+
+    # ---- what the methods read (TrainerView) ----------------------------------------------------------------
+    @property
+    def stage_state(self) -> StageState:
+        """The stage being trained; read-only (set once by `configure`)."""
+        return self._stage_state
+
+    @property
+    def stage(self) -> Stage:
+        """The stage being trained (the trainer's own shorthand, e.g. for seeding each epoch)."""
+        return self._stage_state.stage
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return tuple(self.configuration_manager.patch_size)
+
+    @property
+    def ignore_label(self) -> int | None:
+        return self.label_manager.ignore_label
 
     # ---- data ----------------------------------------------------------------------------------------------
     def get_tr_and_val_datasets(self):
@@ -127,9 +142,7 @@ class ContinualTrainer(nnUNetTrainer):
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
 
     def set_deep_supervision_enabled(self, enabled: bool):
-        for module in self.network.modules():  # also reaches decoders inside multi-head wrappers
-            if hasattr(module, "deep_supervision"):
-                module.deep_supervision = enabled
+        set_deep_supervision(self.network, enabled)  # also reaches decoders inside multi-head wrappers
 
     def training_batches(self, n: int):
         """``n`` augmented training batches of this stage's sources (for importance estimates after training)."""
@@ -139,23 +152,7 @@ class ContinualTrainer(nnUNetTrainer):
             yield next(self.dataloader_train)
 
     def map_targets(self, batch: dict) -> dict:
-        """Targets of each sample through its task's lookup table (identifiers are ``task/case``), so a batch of one
-        task's local labels trains the channels of their global IDs. Negative values (nnU-Net's padding) stay."""
-        if not getattr(self, "target_luts", None):
-            return batch
-        tasks = [k.split("/", 1)[0] for k in batch["keys"]]
-        width = max(len(t) for t in self.target_luts.values())
-        table = torch.stack([torch.nn.functional.pad(self.target_luts[t], (0, width - len(self.target_luts[t])))
-                             if t in self.target_luts else torch.arange(width) for t in tasks])
-
-        def apply(target: torch.Tensor) -> torch.Tensor:
-            values = target.long()
-            index = values.clamp(0, width - 1).reshape(len(tasks), -1)
-            mapped = torch.gather(table, 1, index).reshape(values.shape)
-            return torch.where(values < 0, values, mapped).to(target.dtype)
-
-        target = batch["target"]
-        return {**batch, "target": [apply(t) for t in target] if isinstance(target, list) else apply(target)}
+        return map_targets(batch, self.target_luts)
 
     def validation_step(self, batch: dict) -> dict:
         return super().validation_step(self.map_targets(batch))
@@ -266,6 +263,27 @@ class ContinualTrainer(nnUNetTrainer):
 
     def _save_debug_information(self):
         pass  # nnU-Net dumps every attribute as strings, including our method objects
+
+
+def map_targets(batch: dict, target_luts: dict[str, torch.Tensor]) -> dict:
+    """Targets of each sample through its task's lookup table (identifiers are ``task/case``), so a batch of one
+    task's local labels trains the channels of their global IDs. Negative values (nnU-Net's padding) stay; a task
+    without a table (and every task, when there are none) keeps its values."""
+    if not target_luts:
+        return batch
+    tasks = [k.split("/", 1)[0] for k in batch["keys"]]
+    width = max(len(t) for t in target_luts.values())
+    table = torch.stack([torch.nn.functional.pad(target_luts[t], (0, width - len(target_luts[t])))
+                         if t in target_luts else torch.arange(width) for t in tasks])
+
+    def apply(target: torch.Tensor) -> torch.Tensor:
+        values = target.long()
+        index = values.clamp(0, width - 1).reshape(len(tasks), -1)
+        mapped = torch.gather(table, 1, index).reshape(values.shape)
+        return torch.where(values < 0, values, mapped).to(target.dtype)
+
+    target = batch["target"]
+    return {**batch, "target": [apply(t) for t in target] if isinstance(target, list) else apply(target)}
 
 
 def _plain(obj: Any) -> Any:

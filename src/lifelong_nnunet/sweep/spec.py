@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import UserInputError
+from ..errors import MethodParamError, UserInputError
 from ..experiment import NOT_IDENTITY as RUN_NOT_IDENTITY
 from ..orderings import DEFAULT_MAX_ORDERINGS, make_orderings, parse_ordering_request
 
@@ -102,8 +102,8 @@ def sweep_spec_from_dict(data: Any, where: str = "sweep spec", base_dir: Path | 
     for m in methods:
         try:
             method = create_method(m, params.get(m, {}))
-        except UserInputError as e:
-            raise bad(f"{e}".replace("Fix method_params in the spec.", f"Fix method_params.{m}.")) from None
+        except MethodParamError as e:
+            raise bad(e.message(f"Fix method_params.{m}.")) from None
         if scenario not in getattr(method, "scenarios", (scenario,)):
             raise bad(f"method '{m}' is not defined for the {scenario} scenario (it supports: "
                       f"{', '.join(method.scenarios)}); see docs/methods/{m}.md. Remove it from 'methods' or "
