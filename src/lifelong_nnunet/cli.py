@@ -76,6 +76,36 @@ def run(
     run_experiment(exp, output, quiet=quiet)
 
 
+@app.command()
+def extend(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (from `run`, or an earlier `extend`)."),
+    task: List[str] = typer.Option(..., "--task", help="New nnU-Net raw dataset: folder, name or ID. Repeat the "
+                                   "flag for several, in the order they arrive."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs for the new stages (default: the run's)."),
+    iterations: Optional[int] = typer.Option(None, help="Iterations per epoch for the new stages (default: the "
+                                             "run's)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    raw_root: Optional[Path] = typer.Option(None, help="Folder to resolve dataset names/IDs in (else nnUNet_raw)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where the new task's preprocessed data is kept while it "
+                                             "trains (removed afterwards)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on the console (run.log still written)."),
+) -> None:
+    """Add stages to a finished run: train the new task(s) with the run's method, plans and settings, evaluate every
+    task after each new stage, and update the report. The old tasks' training data are not needed."""
+    from .extend import extend_run
+    for name, value in (("--epochs", epochs), ("--iterations", iterations)):
+        if value is not None and value < 1:
+            raise UserInputError(f"{name} must be a positive whole number (got {value}).")
+    if device is not None and device not in ("auto", "cpu", "cuda"):
+        raise UserInputError(f"--device '{device}' is unknown; use auto, cpu or cuda.")
+    summary = extend_run(run_dir, _split_tasks(task), epochs=epochs, iterations=iterations, device=device,
+                         cache_dir=str(cache_dir) if cache_dir else None, raw_root=str(raw_root) if raw_root else None,
+                         quiet=quiet)
+    value = summary.get("final_average")
+    console.print(f"Final average {'undefined' if value is None else f'{value:.3f}'} over {len(summary['tasks'])} "
+                  f"task(s). Report: {Path(run_dir) / 'report.md'}")
+
+
 def _split_tasks(tasks: Optional[List[str]]) -> list[str]:
     """`--tasks A B C` arrives as ['A'] plus stray arguments in some shells; accept comma lists too."""
     out: list[str] = []

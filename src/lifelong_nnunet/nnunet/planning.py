@@ -154,8 +154,9 @@ PROGRESS_PREFIX = "@progress "
 
 def _preprocess_with_given_plans(plans: dict, tasks: list[tuple[str, int]], configuration: str, log) -> None:
     """Each task preprocessed with ``plans``, written for it the way nnU-Net's ``move_plans_between_datasets``
-    writes them (dataset name, plans name, the reader/writer its files need), without fingerprint or planning."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+    writes them (dataset name, plans name, the reader/writer its files need), without planning. The task's own
+    fingerprint is still extracted: nnU-Net's trainer copies it into its output folder."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
@@ -167,6 +168,9 @@ def _preprocess_with_given_plans(plans: dict, tasks: list[tuple[str, int]], conf
         example = next(iter(get_filenames_of_train_images_and_targets(str(raw), dataset_json).values()))["images"][0]
         reader = determine_reader_writer_from_dataset_json(dataset_json, example, allow_nonmatching_filename=True,
                                                            verbose=False)
+        log(f"Planning [{i + 1}/{len(tasks)}] {name}: fingerprint (the plans are the run's)")
+        with _quiet():
+            extract_fingerprint_dataset(dataset_id, num_processes=2, verbose=False, show_progress_bar=False)
         moved = {**plans, "dataset_name": name, "image_reader_writer": reader.__name__, "plans_name": PLANS_NAME}
         (target / f"{PLANS_NAME}.json").write_text(json.dumps(moved, indent=4))
         shutil.copy(raw / "dataset.json", target / "dataset.json")

@@ -1,0 +1,135 @@
+"""Lifelong use: add stages to a finished run when new data arrive, months later, after the old training data may
+be gone (``lifelong-nnunet extend RUN --task T``).
+
+The run folder holds everything the next stage needs: the plans (the new task is preprocessed with exactly them,
+so the architecture never changes), the task records (labels, channels, case IDs, where the test files are), the
+method's state in the last stage's model (importances, anchors, teachers, heads, decoders) and, for rehearsal
+only, its declared buffer. Earlier tasks are re-evaluated on their held-out test cases while those still exist.
+``run --tasks A`` followed by ``extend --task B`` gives the same stage models as ``run --tasks A B`` (tested).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from .console import RunLog, progress_bar
+from .errors import UserInputError
+from .experiment import experiment_from_dict
+from .io_utils import read_json, write_json
+from .labels import LabelSpace
+from .runner import (RunFolder, advance, default_cache_dir, is_complete, load_schedule, method_for,
+                     model_dataset_json, write_run_records)
+from .tasks import Task, check_case, check_sequence, load_task, make_test_split, resolve_task_folder, task_from_record
+
+
+def extend_run(run_dir: str | os.PathLike, new_tasks: list[str], *, epochs: int | None = None,
+               iterations: int | None = None, device: str | None = None, cache_dir: str | None = None,
+               raw_root: str | None = None, quiet: bool = False) -> dict:
+    """Train ``new_tasks`` as new stages of the finished run in ``run_dir`` (or resume an interrupted extension),
+    evaluate every task after each new stage, and update the results, summary and report."""
+    from .nnunet.planning import Workspace
+
+    run = RunFolder(Path(run_dir).resolve())
+    log = RunLog(None, quiet)
+    if not run.spec.is_file() or not run.schedule.is_file():
+        raise UserInputError(f"{run.root} is not a lifelong-nnunet run folder (experiment.json or schedule.json is "
+                             f"missing). Give the folder that 'lifelong-nnunet run -o' wrote.")
+    if not run.task_records.is_file():
+        raise UserInputError(f"{run.root} was written by an older lifelong-nnunet that kept no task records "
+                             f"(tasks.json), so it cannot be extended. Start a new run with the whole sequence.")
+    stored = read_json(run.spec)
+    exp = experiment_from_dict({**stored, "device": device or "auto", "cache_dir": cache_dir,
+                                "raw_root": raw_root}, str(run.spec))
+    records = read_json(run.task_records)
+    schedule = load_schedule(run.root)
+    trained = {t for s in schedule if run.model(s.index).is_file() for t in s.train_tasks}
+    if not new_tasks:
+        raise UserInputError("Give the new task(s) with --task (an nnU-Net raw dataset folder, name or ID).")
+    raw = Path(raw_root) if raw_root else (Path(os.environ["nnUNet_raw"]) if os.environ.get("nnUNet_raw") else None)
+    folders = [resolve_task_folder(t, raw) for t in new_tasks]
+    names = [f.name for f in folders]
+    if len(set(names)) != len(names):
+        raise UserInputError(f"--task lists a dataset twice ({', '.join(names)}). Give each new task once.")
+    resuming = all(n in records for n in names) and not all(n in trained for n in names)
+    if not resuming:
+        done = [n for n in names if n in records]
+        if done:
+            raise UserInputError(f"{done[0]} is already a task of the run in {run.root} (it has: "
+                                 f"{', '.join(records)}). A task is trained once; give a new dataset.")
+        if not is_complete(run, schedule, [task_from_record(r) for r in records.values()]):
+            raise UserInputError(f"The run in {run.root} is not finished. Repeat the command that started it (or the "
+                                 f"last 'extend') first; it resumes where it stopped. Then extend it.")
+    # tasks already trained are taken from the run's records (their training data may be gone); the others are
+    # read from their folders and checked like any task of `run`
+    old = [task_from_record(records[n]) for n in records if n in trained]
+    pending = [n for n in records if n not in trained] if resuming else []
+    fresh = [load_task(Path(records[n]["folder"])) for n in pending] if resuming else [load_task(f) for f in folders]
+    check_sequence([*old, *fresh], exp.scenario)
+    if exp.scenario == "class" and not resuming:
+        _check_adds_structures(old, fresh)
+    _check_cases(fresh, log, records if resuming else {}, exp)
+    tasks = [*old, *fresh]
+    labels = LabelSpace.from_tasks(tasks, exp.scenario)
+    method = method_for(exp, labels)
+    stages = _extended_schedule(method, schedule, tasks, epochs, iterations, run, resuming)
+    exp.tasks = [str(t.folder) for t in tasks]
+
+    log.path = run.log
+    write_run_records(run, exp, tasks, stages, labels)
+    write_json(run.dataset_json, model_dataset_json(dict(tasks[0].dataset_json,
+                                                         numTraining=len(tasks[0].train_cases)), labels))
+    log(f"Extending {run.root} with {', '.join(t.name for t in fresh)}: method '{method.name}', "
+        f"{len(stages) - len([s for s in stages if run.model(s.index).is_file()])} new stage(s), the run's plans")
+    plans = read_json(run.plans)
+    workspace = Workspace(Path(exp.cache_dir) if exp.cache_dir else default_cache_dir(), fresh, exp.configuration,
+                          plans=plans)
+    workspace.ensure_planned(log)
+    summary = advance(exp, run, workspace, tasks, method, stages, labels, log, origin="extend")
+    # the new tasks are trained: their preprocessed copies leave the cache (the raw data are the user's to keep)
+    shutil.rmtree(workspace.root, ignore_errors=True)
+    return summary
+
+
+def _check_adds_structures(old: list[Task], fresh: list[Task]) -> None:
+    """Class scenario: a new task must bring at least one structure the model does not segment yet."""
+    known = {name for t in old for name in t.labels}
+    for t in fresh:
+        new = sorted(set(t.labels) - known - {"background"})
+        if not new:
+            raise UserInputError(
+                f"{t.folder / 'dataset.json'} annotates only structures the run already segments "
+                f"({', '.join(sorted(set(t.labels) - {'background'}))}). In the class scenario a new task must add a "
+                f"structure; for new images of known structures, start a domain-incremental run.")
+        known |= set(t.labels)
+
+
+def _check_cases(tasks: list[Task], log: RunLog, records: dict, exp) -> None:
+    """Every image and label of the new tasks, as `run` checks them; the test split is drawn as `run` draws it (or
+    kept from the record when an interrupted extension resumes)."""
+    with progress_bar(log.quiet) as bar:
+        job = bar.add_task("Checking data", total=sum(len(t.cases) for t in tasks), info="")
+        for t in tasks:
+            for case in t.cases.values():
+                check_case(t, case)
+                bar.advance(job)
+            t.test_cases = list(records[t.name]["test_cases"]) if t.name in records else make_test_split(
+                t, exp.test_split.fraction, exp.test_split.min_cases, exp.seed)
+
+
+def _extended_schedule(method, stored: list, tasks: list[Task], epochs: int | None, iterations: int | None,
+                       run: RunFolder, resuming: bool) -> list:
+    """The method's schedule over every task, whose first stages must be the ones already run; the new stages
+    get this extension's budget (or, resuming, keep the one recorded when the extension started)."""
+    full = method.schedule([t.name for t in tasks])
+    done = [s for s in stored if run.model(s.index).is_file()] if resuming else stored
+    if [s.plan for s in full[: len(done)]] != [s.plan for s in done]:
+        raise UserInputError(
+            f"Method '{method.name}' does not train one stage after another on the tasks as they arrive (its "
+            f"schedule for the longer sequence changes stages already trained), so the run in {run.root} cannot be "
+            f"extended. Start a new run with the whole sequence.")
+    if resuming:
+        return stored
+    added = [replace(s, epochs=epochs, iterations_per_epoch=iterations) for s in full[len(done):]]
+    return [*done, *added]
