@@ -111,3 +111,54 @@ def test_region_based_models_are_refused(stock_copy):
     (stock_copy / "dataset.json").write_text(json.dumps(djson))
     with pytest.raises(UserInputError, match="plain integers"):
         read_stock_model(stock_copy)
+
+
+# ---- run --start-from: the stock model is stage 1 ---------------------------------------------------------------
+TINY = {"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1}
+
+
+@pytest.mark.slow
+def test_a_run_starts_from_a_stock_model_and_keeps_learning(stock_folder, synthetic_tasks, planning_cache, tmp_path):
+    from lifelong_nnunet.deploy import export_model_folder
+    from lifelong_nnunet.experiment import experiment_from_dict
+    from lifelong_nnunet.runner import run_experiment
+    folder, weights = stock_folder
+    out = tmp_path / "from_stock"
+    summary = run_experiment(experiment_from_dict({
+        "tasks": [str(synthetic_tasks[1])], "method": "lwf", "training": TINY, "device": "cpu",
+        "cache_dir": str(planning_cache), "start_from": {"folder": str(folder), "fold": 0}}), out, quiet=True)
+    assert summary["tasks"] == ["Dataset901_SynthSiteA", "Dataset902_SynthSiteB"]
+    stage1 = torch.load(out / "stages" / "stage_1" / "model.pt", weights_only=True)
+    assert all(torch.equal(stage1["network_weights"][k], weights[k]) for k in weights)  # imported, not trained
+    assert stage1["info"]["imported_from"].endswith("fold_0/checkpoint_final.pth")
+    stage2 = torch.load(out / "stages" / "stage_2" / "model.pt", weights_only=True)["network_weights"]
+    assert any(not torch.equal(stage2[k], weights[k]) for k in weights if weights[k].is_floating_point())
+    assert json.loads((out / "plans.json").read_text()) == json.loads((folder / "plans.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    assert [h["origin"] for h in history] == ["imported", "run"]
+    # the imported task has no test data here: its cells are "not evaluated", never zeros, and left out of the means
+    assert [t for _, t in summary["not_evaluated"]] == ["Dataset901_SynthSiteA"] * 3
+    assert summary["final_per_task"][0] is None and summary["final_average"] == summary["final_per_task"][1]
+    assert "not evaluated (test data absent)" in (out / "report.md").read_text()
+    exported = export_model_folder(out, tmp_path / "exported")
+    assert read_stock_model(exported).weights.keys() == weights.keys()  # and it can start the next run
+
+
+def test_start_from_refuses_methods_that_need_the_old_training_data(stock_folder, synthetic_tasks, cli_in_process,
+                                                                    tmp_path):
+    code, out, err = cli_in_process("run", "--start-from", stock_folder[0], "--tasks", synthetic_tasks[1],
+                                    "--method", "ewc", "-o", tmp_path / "run")
+    assert code == 2
+    message = " ".join((out + err).split())
+    assert "'ewc' computes its state from the first task's training data" in message
+    assert "lwf" in message and "sequential" in message and "rehearsal" not in message.split("alone:")[1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_start_from_a_folder_without_checkpoint_is_a_clear_error(stock_copy, synthetic_tasks, cli_in_process,
+                                                                 tmp_path):
+    (stock_copy / "fold_0" / "checkpoint_final.pth").unlink()
+    code, out, err = cli_in_process("run", "--start-from", stock_copy, "--tasks", synthetic_tasks[1], "-o",
+                                    tmp_path / "run")
+    assert code == 2 and "checkpoint_final.pth is missing" in " ".join((out + err).split())
+    assert not (tmp_path / "run").exists()

@@ -114,11 +114,14 @@ class RunFolder:
         return None
 
 
-def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], LabelSpace]:
-    """Every check on the spec, the data and the run folder. Writes nothing."""
+def prepare(exp: Experiment, run_dir: Path, log: RunLog, imported: Task | None = None) -> tuple[list[Task], LabelSpace]:
+    """Every check on the spec, the data and the run folder. Writes nothing. ``imported``: the first task is the
+    one a stock model was trained on (``--start-from``), known from the model folder, with no data here."""
     run = RunFolder(Path(run_dir))
     raw_root = exp.raw_root or os.environ.get("nnUNet_raw")
-    tasks = [load_task(resolve_task_folder(t, Path(raw_root) if raw_root else None)) for t in exp.tasks]
+    given = exp.tasks[1:] if imported is not None else exp.tasks
+    tasks = [load_task(resolve_task_folder(t, Path(raw_root) if raw_root else None)) for t in given]
+    tasks = [imported, *tasks] if imported is not None else tasks
     exp.tasks = [str(t.folder) for t in tasks]  # the identity of a run names folders, however they were typed
     check_sequence(tasks, exp.scenario)
     if exp.device == "cuda" and not torch.cuda.is_available():
@@ -138,6 +141,8 @@ def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], La
     with progress_bar(log.quiet) as bar:
         job = bar.add_task("Checking data", total=total, info="")
         for t in tasks:
+            if t is imported:
+                continue
             for case in t.cases.values():
                 check_case(t, case)
                 bar.advance(job)
@@ -149,6 +154,9 @@ def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], La
 def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = False) -> dict:
     """Run (or resume) an experiment into ``run_dir`` and return its summary."""
     from .nnunet.planning import Workspace
+    if exp.start_from is not None:
+        from .lifelong import run_from_stock_model
+        return run_from_stock_model(exp, run_dir, quiet)
 
     run = RunFolder(Path(run_dir).resolve())
     log = RunLog(None, quiet)
@@ -205,7 +213,7 @@ def is_complete(run: RunFolder, stages: list[Stage], tasks: list[Task]) -> bool:
     if not run.summary.is_file() or not all(run.model(s.index).is_file() for s in stages):
         return False
     return all(run.cell_rows(i, t.name) is not None for i in [0, *(s.index for s in stages)] for t in tasks
-               if not t.missing_test_cases)
+               if t.evaluable)
 
 
 def advance(exp: Experiment, run: RunFolder, workspace, tasks: list[Task], method: Method, stages: list[Stage],
@@ -438,7 +446,7 @@ class StageContext:
         for t in [t for t in todo if t.missing_test_cases]:
             self.log(f"Stage {index}: {t.short_name} not evaluated: {len(t.missing_test_cases)} of its "
                      f"{len(t.test_cases)} test case(s) are gone (e.g. {t.missing_test_cases[0]})")
-        todo = [t for t in todo if not t.missing_test_cases]
+        todo = [t for t in todo if t.evaluable]
         if not todo:
             return
         net = build_network(self.plans, self.exp.configuration, self.dataset_json, deep_supervision=False)

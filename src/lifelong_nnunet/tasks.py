@@ -70,6 +70,11 @@ class Task:
         return [c for c in sorted(self.cases) if c not in set(self.test_cases)]
 
     @property
+    def evaluable(self) -> bool:
+        """Whether the task can be scored: it has test cases and all their files (an imported task has none)."""
+        return bool(self.test_cases) and not self.missing_test_cases
+
+    @property
     def missing_test_cases(self) -> list[str]:
         """Test cases whose files are gone (a task rebuilt from its record): such a task is not evaluated."""
         return [c for c in self.test_cases if c not in self.cases]

@@ -52,6 +52,10 @@ class Method:
     params: ClassVar[dict[str, Any]] = {}
     #: True when the method keeps (some) earlier-task training data; all others must never write image data.
     keeps_old_data: ClassVar[bool] = False
+    #: True when ``after_stage`` computes the method's state from the stage's training data (importances, a
+    #: calibration): a model imported with ``run --start-from`` was trained elsewhere, so the method cannot start
+    #: from it without that data.
+    learns_state_from_task_data: ClassVar[bool] = False
     #: Scenarios the method is defined for ("domain": same labels, new appearance; "class": new structures).
     scenarios: ClassVar[tuple[str, ...]] = ("domain", "class")
     #: The run's label space (set by the runner and by ``predict`` before any hook is called).

@@ -37,6 +37,7 @@ from .compression import search_student, validation_logits
 class FrozenEncoderDecoders(Method):
     name = "frozen_encoder_decoders"
     scenarios = ("class",)
+    learns_state_from_task_data = True  # each decoder's temperature is fitted on its task's validation patches
     params: ClassVar[dict[str, Any]] = {
         "compress": True,  # distil each new decoder (stage 2 on) into a smaller student
         "widths": [0.25, 0.5],  # candidate student widths, as fractions of the encoder's features per stage

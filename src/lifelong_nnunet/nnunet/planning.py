@@ -149,6 +149,26 @@ class Workspace:
             (dst / "dataset.json").write_text(json.dumps(djson, indent=2))
 
 
+def cached_workspaces(root: Path) -> list[dict]:
+    """The workspaces under a cache folder (finished or interrupted), with their tasks and size in bytes."""
+    root = Path(root)
+    out = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        marker = folder / "planned.json"
+        tasks = json.loads(marker.read_text()).get("tasks", []) if marker.is_file() else []
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+        out.append({"path": str(folder), "tasks": tasks, "bytes": size})
+    return out
+
+
+def clear_cache(root: Path) -> tuple[int, int]:
+    """Delete every workspace under ``root``; return how many and their size. Runs never need them again."""
+    entries = cached_workspaces(root)
+    for entry in entries:
+        shutil.rmtree(entry["path"])
+    return len(entries), sum(e["bytes"] for e in entries)
+
+
 PROGRESS_PREFIX = "@progress "
 
 

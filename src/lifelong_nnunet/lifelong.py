@@ -26,9 +26,12 @@ from .tasks import Task, check_case, check_sequence, load_task, make_test_split,
 
 def extend_run(run_dir: str | os.PathLike, new_tasks: list[str], *, epochs: int | None = None,
                iterations: int | None = None, device: str | None = None, cache_dir: str | None = None,
-               raw_root: str | None = None, quiet: bool = False) -> dict:
+               raw_root: str | None = None, keep_cache: bool = False, quiet: bool = False) -> dict:
     """Train ``new_tasks`` as new stages of the finished run in ``run_dir`` (or resume an interrupted extension),
-    evaluate every task after each new stage, and update the results, summary and report."""
+    evaluate every task after each new stage, and update the results, summary and report.
+
+    The new tasks' preprocessed data leave the cache once their stages are trained, unless ``keep_cache``: the
+    cache then never holds arrays of a task the model has already learned (the privacy promise of lifelong use)."""
     from .nnunet.planning import Workspace
 
     run = RunFolder(Path(run_dir).resolve())
@@ -87,8 +90,9 @@ def extend_run(run_dir: str | os.PathLike, new_tasks: list[str], *, epochs: int 
                           plans=plans)
     workspace.ensure_planned(log)
     summary = advance(exp, run, workspace, tasks, method, stages, labels, log, origin="extend")
-    # the new tasks are trained: their preprocessed copies leave the cache (the raw data are the user's to keep)
-    shutil.rmtree(workspace.root, ignore_errors=True)
+    if not keep_cache:  # trained: their preprocessed copies leave the cache (the raw data are the user's to keep)
+        shutil.rmtree(workspace.root, ignore_errors=True)
+        log(f"Removed the new task(s)' preprocessed data from the cache ({workspace.root})")
     return summary
 
 
@@ -133,3 +137,77 @@ def _extended_schedule(method, stored: list, tasks: list[Task], epochs: int | No
         return stored
     added = [replace(s, epochs=epochs, iterations_per_epoch=iterations) for s in full[len(done):]]
     return [*done, *added]
+
+
+def run_from_stock_model(exp, run_dir: str | os.PathLike, quiet: bool = False) -> dict:
+    """``run --start-from MODEL_FOLDER``: a model trained with stock nnU-Net v2 is stage 1 (recorded as imported,
+    not trained here), its plans are the run's plans and its task is the first task; the tasks given train the next
+    stages as in any run. Its own training data are not needed, so methods whose state comes from that data
+    (importances, calibrations, a replay buffer) are refused."""
+    from .methods import available_methods, create_method
+    from .nnunet.planning import Workspace
+    from .nnunet.stock_model import read_stock_model
+    from .runner import prepare
+
+    run = RunFolder(Path(run_dir).resolve())
+    log = RunLog(None, quiet)
+    stock = read_stock_model(exp.start_from["folder"], exp.start_from.get("fold", 0))
+    method = create_method(exp.method, exp.method_params)
+    if method.keeps_old_data or method.learns_state_from_task_data:
+        from_model = [m for m in available_methods() if not (create_method(m).keeps_old_data
+                                                            or create_method(m).learns_state_from_task_data)]
+        raise UserInputError(
+            f"Method '{method.name}' computes its state from the first task's training data (importances, a "
+            f"calibration or a replay buffer), which a model imported with --start-from does not bring. Methods that "
+            f"start from the model alone: {', '.join(from_model)}.")
+    if exp.configuration != stock.configuration:
+        log(f"Configuration {stock.configuration}: the imported model's (the spec's {exp.configuration} does not "
+            f"apply to a model that was trained as {stock.configuration})")
+        exp.configuration = stock.configuration
+    imported = Task(stock.folder / stock.dataset_name, {**stock.dataset_json, "file_ending":
+                    stock.dataset_json.get("file_ending", ".nii.gz")}, {}, [], recorded_train=[])
+    if not exp.tasks or Path(exp.tasks[0]).name != stock.dataset_name:
+        exp.tasks = [str(imported.folder), *exp.tasks]
+    if len(exp.tasks) < 2:
+        raise UserInputError("Give the new task(s) to train with --tasks; the imported model is the first stage.")
+    tasks, labels = prepare(exp, run.root, log, imported=imported)
+    method = method_for(exp, labels)
+    stages = method.schedule([t.name for t in tasks])
+    if is_complete(run, stages, tasks):
+        log(f"Run in {run.root} is already complete; nothing to do.")
+        return read_json(run.summary)
+    log.path = run.log
+    write_run_records(run, exp, tasks, stages, labels)
+    write_json(run.plans, stock.plans)
+    write_json(run.dataset_json, model_dataset_json(dict(stock.dataset_json, numTraining=0), labels))
+    log(f"Run {run.root}: stage 1 imported from {stock.checkpoint} (trainer {stock.trainer_name}), method "
+        f"'{method.name}', {len(tasks) - 1} new task(s)")
+    workspace = Workspace(Path(exp.cache_dir) if exp.cache_dir else default_cache_dir(), tasks[1:],
+                          exp.configuration, plans=stock.plans)
+    workspace.ensure_planned(log)
+    _import_first_stage(run, stock, method, stages[0], labels, exp)
+    return advance(exp, run, workspace, tasks, method, stages, labels, log, origin="run")
+
+
+def _import_first_stage(run: RunFolder, stock, method, stage, labels: LabelSpace, exp) -> None:
+    """Stage 1's model is the stock network with its weights, as the method would hold it after that stage."""
+    import hashlib
+    from datetime import datetime, timezone
+
+    from .nnunet.trainer import build_network
+    from .runner import known_labels_json, record_history, save_model, versions
+    if run.model(stage.index).is_file():
+        return
+    djson = known_labels_json(model_dataset_json(dict(stock.dataset_json, numTraining=0), labels), labels, [])
+    net = build_network(stock.plans, stock.configuration, djson, deep_supervision=True)
+    net.load_state_dict(stock.weights)
+    net = method.adapt_network(net, list(stage.train_tasks))
+    digest = hashlib.sha256(stock.checkpoint.read_bytes()).hexdigest()[:16]
+    save_model(run.model(stage.index), net.state_dict(), method.state_dict(),
+               {"stage": stage.index, "trained_on": list(stage.train_tasks), "tasks_seen": list(stage.train_tasks),
+                "imported_from": str(stock.checkpoint), "trainer_name": stock.trainer_name, "train_seconds": 0.0})
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record_history(run, {"stage": stage.index, "origin": "imported", "started": now, "finished": now,
+                         "datasets": [{"name": stage.train_tasks[0], "n_cases": None, "n_train": "?",
+                                       "n_test": 0, "fingerprint": f"checkpoint {digest}"}],
+                         "budget": {}, "imported_from": str(stock.checkpoint), "versions": versions()})
