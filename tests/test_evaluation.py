@@ -265,3 +265,27 @@ def test_render_markdown_with_a_lower_is_better_headline():
 def test_render_markdown_without_by_metric_has_no_all_metrics_table():
     md = render_markdown(_summary(), pd.DataFrame(R3, columns=["t1", "t2", "t3"]), ROW_LABELS, {})
     assert "## All metrics" not in md and "**Headline metric:** Dice" in md
+
+
+def test_cells_not_evaluated_are_left_out_of_the_means_and_counted():
+    """A task whose test data were gone at some stages: its missing cells drop out of each mean (never read as 0)."""
+    nan = float("nan")
+    R = np.array([[0.1, 0.1, 0.1],
+                  [0.8, 0.2, 0.1],
+                  [0.6, 0.7, 0.2],
+                  [0.5, 0.6, 0.9]])
+    evaluated = np.ones_like(R, dtype=bool)
+    evaluated[2:, 0] = False  # task 1's test cases deleted after stage 1
+    R_missing = R.copy()
+    R_missing[2:, 0] = nan
+    m = continual_metrics(R_missing, evaluated=evaluated)
+    assert m["n_not_evaluated"] == 2
+    assert m["final_per_task"] == [None, 0.6, 0.9]
+    assert m["final_average"] == pytest.approx((0.6 + 0.9) / 2)  # the two evaluated tasks, not (0 + .6 + .9) / 3
+    assert m["bwt"] == pytest.approx(0.6 - 0.7)  # only task 2 has both cells
+    assert m["forgetting"][0] is None and m["forgetting"][1] == pytest.approx(0.1)
+    assert m["mean_forgetting"] == pytest.approx(0.1)
+    assert m["fwt"] == pytest.approx(((0.2 - 0.1) + (0.2 - 0.1)) / 2)
+    # the same NaN cells without the mask are undefined scores, not missing data: the aggregates become None
+    unmasked = continual_metrics(R_missing)
+    assert unmasked["final_average"] is None and unmasked["bwt"] is None and unmasked["n_not_evaluated"] == 0

@@ -134,7 +134,7 @@ def stage_sources(tmp_path: Path, method, tasks: dict[str, list[str]]) -> StageS
                       {c: Case(c, (), tmp_path / "raw" / name / f"{c}.nii.gz") for c in cases})
                  for name, cases in tasks.items()]
     return StageSources(task_objs, method, method.schedule(list(tasks)), lambda t: tmp_path / "pre" / t.name,
-                        validation_fraction=0.2, seed=0)
+                        lambda name: tmp_path / "replay" / name, validation_fraction=0.2, seed=0)
 
 
 @pytest.mark.parametrize("share", [0.3, 0.5, 0.1])
@@ -147,8 +147,8 @@ def test_batches_draw_the_replay_share(tmp_path, share):
     replay = [s for s in sources if s.task not in stage.train_tasks]
     assert {s.task for s in replay} == {"Dataset001_A", "Dataset002_B"}
     assert sum(len(s.train_keys) for s in replay) == 5
-    for s in replay:
-        assert set(s.train_keys) <= set(tasks[s.task]) and not s.val_keys
+    for s in replay:  # replayed from the run folder's copies, never from the cache
+        assert set(s.train_keys) <= set(tasks[s.task]) and not s.val_keys and s.folder == tmp_path / "replay" / s.task
     dataset = MultiSourceDataset({s.task: (FakeDataset, s.folder, s.train_keys) for s in sources},
                                  {s.task: s.weight for s in sources})
     rng = np.random.default_rng(0)

@@ -17,6 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Continual (lifelong) learning for 3D medical image segmentation on nnU-Net v2.")
 data_app = typer.Typer(no_args_is_help=True, help="Build benchmark datasets in nnU-Net raw format.")
 app.add_typer(data_app, name="data")
+cache_app = typer.Typer(no_args_is_help=True, help="The cache of planned and preprocessed data (image data).")
+app.add_typer(cache_app, name="cache")
 
 
 def _with_flags(data: dict, overrides: dict, epochs: int | None, iterations: int | None) -> dict:
@@ -63,6 +65,10 @@ def run(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
     raw_root: Optional[Path] = typer.Option(None, help="Folder to resolve dataset names/IDs in (else nnUNet_raw)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where planned/preprocessed data is cached."),
+    start_from: Optional[Path] = typer.Option(None, "--start-from", help="A stock nnU-Net v2 model folder "
+                                              "(nnUNetv2_train's output, or `export`'s) as stage 1: its plans and "
+                                              "labels become the run's, --tasks train the next stages."),
+    fold: int = typer.Option(0, "--fold", help="With --start-from: which fold_K/checkpoint_final.pth to import."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on the console (run.log still written)."),
 ) -> None:
     """Plan, train stage by stage, evaluate every task after every stage, and write the report."""
@@ -83,8 +89,43 @@ def run(
                        epochs, iterations)
     if param:
         data["method_params"] = {**data.get("method_params", {}), **_parse_params(param)}
+    if start_from is not None:
+        data["start_from"] = {"folder": str(start_from.resolve()), "fold": fold}
     exp = experiment_from_dict(data, str(spec) if spec else "command line")
     run_experiment(exp, output, quiet=quiet)
+
+
+@app.command()
+def extend(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (from `run`, or an earlier `extend`)."),
+    task: List[str] = typer.Option(..., "--task", help="New nnU-Net raw dataset: folder, name or ID. Repeat the "
+                                   "flag for several, in the order they arrive."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs for the new stages (default: the run's)."),
+    iterations: Optional[int] = typer.Option(None, help="Iterations per epoch for the new stages (default: the "
+                                             "run's)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    raw_root: Optional[Path] = typer.Option(None, help="Folder to resolve dataset names/IDs in (else nnUNet_raw)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where the new task's preprocessed data is kept while it "
+                                             "trains (removed afterwards unless --keep-cache)."),
+    keep_cache: bool = typer.Option(False, "--keep-cache", help="Keep the new task's preprocessed data in the cache "
+                                    "after training (default: removed, so the cache holds nothing of learned "
+                                    "tasks)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on the console (run.log still written)."),
+) -> None:
+    """Add stages to a finished run: train the new task(s) with the run's method, plans and settings, evaluate every
+    task after each new stage, and update the report. The old tasks' training data are not needed."""
+    from .lifelong import extend_run
+    for name, value in (("--epochs", epochs), ("--iterations", iterations)):
+        if value is not None and value < 1:
+            raise UserInputError(f"{name} must be a positive whole number (got {value}).")
+    if device is not None and device not in ("auto", "cpu", "cuda"):
+        raise UserInputError(f"--device '{device}' is unknown; use auto, cpu or cuda.")
+    summary = extend_run(run_dir, _split_tasks(task), epochs=epochs, iterations=iterations, device=device,
+                         cache_dir=str(cache_dir) if cache_dir else None, raw_root=str(raw_root) if raw_root else None,
+                         keep_cache=keep_cache, quiet=quiet)
+    value = summary.get("final_average")
+    console.print(f"Final average {'undefined' if value is None else f'{value:.3f}'} over {len(summary['tasks'])} "
+                  f"task(s). Report: {Path(run_dir) / 'report.md'}")
 
 
 def _split_tasks(tasks: Optional[List[str]]) -> list[str]:
@@ -209,6 +250,31 @@ def methods() -> None:
         doc = (sys.modules[type(m).__module__].__doc__ or "").strip().splitlines()[0]
         params = ", ".join(f"{k}={v}" for k, v in m.defaults().items()) or "no parameters"
         typer.echo(f"{name} ({params}): {doc}")
+
+
+@cache_app.command("list")
+def cache_list(cache_dir: Optional[Path] = typer.Option(None, help="The cache (default: LIFELONG_NNUNET_CACHE or "
+                                                                   "~/.cache/lifelong-nnunet).")) -> None:
+    """Show each cached workspace: its tasks and its size on disk."""
+    from .nnunet.planning import cached_workspaces
+    from .runner import default_cache_dir
+    root = cache_dir or default_cache_dir()
+    entries = cached_workspaces(root)
+    for entry in entries:
+        console.print(f"{entry['path']}  {entry['bytes'] / 2**20:8.1f} MiB  {', '.join(entry['tasks']) or '?'}")
+    console.print(f"{len(entries)} workspace(s) in {root}")
+
+
+@cache_app.command("clear")
+def cache_clear(cache_dir: Optional[Path] = typer.Option(None, help="The cache (default: LIFELONG_NNUNET_CACHE or "
+                                                                    "~/.cache/lifelong-nnunet).")) -> None:
+    """Delete every cached workspace (preprocessed arrays and links to raw data). Finished runs, `extend`, `predict`
+    and `report` never need them; a new run plans again."""
+    from .nnunet.planning import clear_cache
+    from .runner import default_cache_dir
+    root = cache_dir or default_cache_dir()
+    n, size = clear_cache(root)
+    console.print(f"Removed {n} workspace(s), {size / 2**20:.1f} MiB, from {root}")
 
 
 @data_app.command("build")

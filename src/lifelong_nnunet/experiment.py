@@ -70,6 +70,8 @@ class Experiment:
     device: Device = "auto"
     raw_root: str | None = None
     cache_dir: str | None = None
+    # a stock nnU-Net v2 model folder as stage 1 ({"folder": ..., "fold": K}); its task is the first one
+    start_from: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,6 +183,15 @@ def validate(exp: Experiment, where: str = "spec") -> None:
         raise bad(f"seed must be an integer (got {exp.seed!r}).")
     if not isinstance(exp.method_params, dict):
         raise bad("method_params must be a mapping of parameter names to values.")
+    if exp.start_from is not None:
+        sf = exp.start_from
+        fold = sf.get("fold", 0) if isinstance(sf, dict) else None
+        if not isinstance(sf, dict) or not isinstance(sf.get("folder"), str) or set(sf) - {"folder", "fold"} \
+                or isinstance(fold, bool) or not isinstance(fold, int) or fold < 0:
+            raise bad(f"start_from must be a mapping with 'folder' (a stock nnU-Net model folder) and optionally "
+                      f"'fold' (a whole number >= 0), not {sf!r}.")
+        if exp.plan_with is not None:
+            raise bad("plan_with cannot be combined with start_from: the imported model's plans are the run's plans.")
     if exp.plan_with is not None and (isinstance(exp.plan_with, bool) or not isinstance(exp.plan_with, (str, int))
                                       or task_id_of(exp.plan_with) not in {task_id_of(t) for t in exp.tasks}):
         raise bad(f"plan_with {exp.plan_with!r} is not one of the tasks {exp.tasks}. Name one of them (folder, "

@@ -15,10 +15,17 @@ A run folder (``RUN_FORMAT`` 2)::
     plans.json           nnU-Net's plans, shared by every stage
     dataset.json         the model's dataset.json (class scenario: every structure, global IDs)
     run.log              time-stamped progress lines
+    tasks.json           task name -> its record (dataset.json, training and test case IDs, where its test files
+                         are): later stages and `extend` never need a learned task's training data again
+    history.json         one entry per stage: imported, trained in `run` or added by `extend`; when; the data it saw
+                         (name, case counts, fingerprint); its budget; the package versions
     stages/stage_<k>/model.pt    {"format", "network_weights", "method_state", "info"} (stage 0: untrained)
-    stages/stage_<k>/eval.csv    the stage's scores (RESULT_COLUMNS); a stage is done once this file exists
+    stages/stage_<k>/eval/<task>.csv    the scores of one cell R[k][task] (RESULT_COLUMNS); a task whose test data
+                         were gone when stage k was evaluated has none ("not evaluated")
     stages/stage_<k>/nnunet/     nnU-Net's own results folder while the stage trains
-    results.csv          every stage's eval.csv, gathered
+    replay/<task>/       rehearsal only: preprocessed copies of the bounded replay buffer, the one image data a
+                         run folder may hold (methods that declare ``keeps_old_data``)
+    results.csv          every cell, gathered in stage and task order
     summary.json         the result matrix and continual metrics (evaluation.summary)
     report.md, figures/result_matrix.png, figures/task_curves.png
 
@@ -39,8 +46,10 @@ Formats:
    later (evaluation.metrics, nsd_tolerance_mm, report_metric, plan_with) while they hold their defaults; schedule
    entries may lack ``budget``; labels.json may lack ``scenario``, ``introduced_by``, ``task_maps``,
    ``task_labels``; summary.json may lack ``metric``, ``by_metric``, a metric's ``higher_is_better`` and
-   ``mean_forgetting``; model.pt lacks ``format`` and may lack ``info.tasks_seen``.
-2. format.json; every record written in full.
+   ``mean_forgetting``; model.pt lacks ``format`` and may lack ``info.tasks_seen``. Scores are one
+   ``stages/stage_<k>/eval.csv`` per stage (every task's rows; still read), there is no tasks.json (such a run is
+   extended only while its task folders still exist: their records are rebuilt from them) and no history.json.
+2. format.json; every record written in full; one eval file per cell; tasks.json and history.json.
 
 Moving a folder: nothing inside a run folder names the run folder itself, so it can be moved or copied freely;
 report, predict and export never read the training data. experiment.json names the tasks by absolute folder, so a
@@ -328,7 +337,25 @@ class RunFolder(_Folder):
         return self.stage_dir(index) / "model.pt"
 
     def stage_eval(self, index: int) -> Path:
+        """Format 1: one file per stage with every task's rows (read, never written)."""
         return self.stage_dir(index) / "eval.csv"
+
+    def cell_eval(self, index: int, task: str) -> Path:
+        """The scores of one cell R[stage][task]: cells are evaluated one by one, so `extend` adds a new task's cells
+        for earlier stages, and a task whose test data are gone simply has none."""
+        return self.stage_dir(index) / "eval" / f"{task}.csv"
+
+    @property
+    def task_records(self) -> Path:
+        return self.root / "tasks.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.json"
+
+    def replay_dir(self, task: str) -> Path:
+        """The rehearsal buffer of ``task``: preprocessed copies of exactly the cases the method keeps."""
+        return self.root / "replay" / task
 
     def nnunet_results(self, index: int) -> Path:
         """nnU-Net's results folder (``nnUNet_results``) of a stage while it trains."""
@@ -393,7 +420,8 @@ class RunFolder(_Folder):
         if not self.schedule.is_file():
             raise RunFolderError(f"{self.schedule} is missing: {self.root} is not a lifelong-nnunet run folder. "
                                  f"{_NOT_A_RUN}")
-        return [Stage(s["index"], tuple(s["train_tasks"]), s["init"], s["budget"])
+        return [Stage(s["index"], tuple(s["train_tasks"]), s["init"], s["budget"], s.get("epochs"),
+                      s.get("iterations_per_epoch"))
                 for s in self._read("schedule", self.schedule)]
 
     def write_schedule(self, stages: Iterable[Stage]) -> None:
@@ -419,11 +447,33 @@ class RunFolder(_Folder):
     def write_dataset_json(self, dataset_json: dict) -> None:
         write_json(self.dataset_json, dataset_json)
 
-    def read_stage_eval(self, index: int) -> pd.DataFrame:
-        return _read_csv(self.stage_eval(index))
+    def read_cell(self, index: int, task: str) -> pd.DataFrame | None:
+        """The scores of R[index][task], from its own file or a format-1 stage file; None when not evaluated."""
+        if self.cell_eval(index, task).is_file():
+            return _read_csv(self.cell_eval(index, task))
+        if self.stage_eval(index).is_file():
+            rows = _read_csv(self.stage_eval(index))
+            rows = rows[rows["eval_task"] == task]
+            return rows if len(rows) else None
+        return None
 
-    def write_stage_eval(self, index: int, scores: pd.DataFrame) -> None:
-        _write_csv(self.stage_eval(index), scores)
+    def write_cell(self, index: int, task: str, scores: pd.DataFrame) -> None:
+        _write_csv(self.cell_eval(index, task), scores)
+
+    def read_task_records(self) -> dict[str, dict] | None:
+        """Task name -> record (`tasks.task_record`), in training order; None for a format-1 folder."""
+        return _read_json(self.task_records) if self.task_records.is_file() else None
+
+    def write_task_records(self, records: Mapping[str, dict]) -> None:
+        write_json(self.task_records, dict(records))
+
+    def read_history(self) -> list[dict]:
+        return _read_json(self.history) if self.history.is_file() else []
+
+    def record_history(self, entry: dict) -> None:
+        """Add (or, for a stage trained again after a kill, replace) the stage's entry of history.json."""
+        kept = [h for h in self.read_history() if h["stage"] != entry["stage"]]
+        write_json(self.history, sorted([*kept, entry], key=lambda h: h["stage"]))
 
     def read_results(self) -> pd.DataFrame:
         return _read_csv(self.results)

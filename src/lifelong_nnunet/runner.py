@@ -17,21 +17,25 @@ from .errors import UserInputError
 from .experiment import Experiment
 from .evaluation.summary import write_summary_and_report
 from .labels import LabelSpace
-from .methods import create_method
+from .methods import Method, Stage, create_method
 from .run_folder import RunFolder
-from .tasks import Task, check_case, check_sequence, load_task, make_test_split, resolve_task_folder
+from .tasks import (Task, check_case, check_sequence, load_task, make_test_split, resolve_task_folder,
+                    task_record)
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LIFELONG_NNUNET_CACHE", Path.home() / ".cache" / "lifelong-nnunet"))
 
 
-def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], LabelSpace]:
+def prepare(exp: Experiment, run_dir: Path, log: RunLog, imported: Task | None = None) -> tuple[list[Task], LabelSpace]:
     """Every check on the spec, the data and the run folder. Writes no file (it resolves ``exp.tasks`` to folders
-    and sets each task's test cases, in memory)."""
+    and sets each task's test cases, in memory). ``imported``: the first task is the one a stock model was trained
+    on (``--start-from``), known from the model folder, with no data here."""
     run = RunFolder(Path(run_dir))
     raw_root = exp.raw_root or os.environ.get("nnUNet_raw")
-    tasks = [load_task(resolve_task_folder(t, Path(raw_root) if raw_root else None)) for t in exp.tasks]
+    given = exp.tasks[1:] if imported is not None else exp.tasks
+    tasks = [load_task(resolve_task_folder(t, Path(raw_root) if raw_root else None)) for t in given]
+    tasks = [imported, *tasks] if imported is not None else tasks
     exp.tasks = [str(t.folder) for t in tasks]  # the identity of a run names folders, however they were typed
     check_sequence(tasks, exp.scenario)
     if exp.device == "cuda" and not torch.cuda.is_available():
@@ -51,6 +55,8 @@ def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], La
     with progress_bar(log.quiet) as bar:
         job = bar.add_task("Checking data", total=total, info="")
         for t in tasks:
+            if t is imported:
+                continue
             for case in t.cases.values():
                 check_case(t, case)
                 bar.advance(job)
@@ -62,25 +68,21 @@ def prepare(exp: Experiment, run_dir: Path, log: RunLog) -> tuple[list[Task], La
 def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = False) -> dict:
     """Run (or resume) an experiment into ``run_dir`` and return its summary."""
     from .nnunet.planning import Workspace
+    if exp.start_from is not None:
+        from .lifelong import run_from_stock_model
+        return run_from_stock_model(exp, run_dir, quiet)
 
     run = RunFolder(Path(run_dir).resolve())
     log = RunLog(None, quiet)
     tasks, labels = prepare(exp, run.root, log)
-    method = create_method(exp.method, exp.method_params, labels=labels)
-    if exp.scenario not in method.scenarios:
-        raise UserInputError(f"method '{method.name}' is not defined for the {exp.scenario} scenario (it supports: "
-                             f"{', '.join(method.scenarios)}); see docs/methods/{method.name}.md. Choose another "
-                             f"method (lifelong-nnunet methods) or scenario.")
+    method = method_for(exp, labels)
     stages = method.schedule([t.name for t in tasks])
-    if run.summary.is_file() and all(run.stage_eval(s.index).is_file() for s in stages):
+    if is_complete(run, stages, tasks):
         log(f"Run in {run.root} is already complete; nothing to do. (Use 'lifelong-nnunet report' to re-render.)")
         return run.read_summary()
 
     log.path = run.log
-    run.write_experiment(exp)
-    run.write_splits({t.name: t.test_cases for t in tasks})
-    run.write_schedule(stages)
-    run.write_labels(labels)
+    write_run_records(run, exp, tasks, stages, labels)
     log(f"Run {run.root}: method '{method.name}', {len(tasks)} task(s), {len(stages)} stage(s), "
         f"configuration {exp.configuration}")
 
@@ -88,9 +90,50 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = Fa
                           exp.configuration, plan_with=exp.plan_with)
     workspace.ensure_planned(log)
     plans = workspace.plans(workspace.plan_task)
+    if run.plans.is_file() and run.read_plans() != plans:
+        raise UserInputError(
+            f"The data of {run.root} changed since the run started: nnU-Net now plans it differently than the "
+            f"plans stored in {run.plans}. A run folder's plans are never overwritten, since its models were "
+            f"trained with them. Use a new output folder for the changed data.")
     run.write_plans(plans)
     run.write_dataset_json(model_dataset_json(workspace.dataset_json(workspace.plan_task), labels))
+    return advance(exp, run, workspace, tasks, method, stages, labels, log, origin="run")
 
+
+def method_for(exp: Experiment, labels: LabelSpace) -> Method:
+    """The experiment's method with the run's label space bound, checked against its scenario."""
+    method = create_method(exp.method, exp.method_params, labels=labels)
+    if exp.scenario not in method.scenarios:
+        raise UserInputError(f"method '{method.name}' is not defined for the {exp.scenario} scenario (it supports: "
+                             f"{', '.join(method.scenarios)}); see docs/methods/{method.name}.md. Choose another "
+                             f"method (lifelong-nnunet methods) or scenario.")
+    return method
+
+
+def write_run_records(run: RunFolder, exp: Experiment, tasks: list[Task], stages: list[Stage],
+                      labels: LabelSpace) -> None:
+    """The spec, splits, schedule, label space and task records: everything later stages (and `extend`, after the
+    old training data are gone) need to know about the tasks, without their images."""
+    run.write_experiment(exp)
+    run.write_splits({t.name: t.test_cases for t in tasks})
+    run.write_schedule(stages)
+    run.write_labels(labels)
+    run.write_task_records({t.name: task_record(t) for t in tasks})
+
+
+def is_complete(run: RunFolder, stages: list[Stage], tasks: list[Task]) -> bool:
+    """Every stage trained and every cell evaluated whose task still has its test data."""
+    if not run.summary.is_file() or not all(run.model(s.index).is_file() for s in stages):
+        return False
+    return all(run.read_cell(i, t.name) is not None for i in [0, *(s.index for s in stages)] for t in tasks
+               if t.evaluable)
+
+
+def advance(exp: Experiment, run: RunFolder, workspace, tasks: list[Task], method: Method, stages: list[Stage],
+            labels: LabelSpace, log: RunLog, origin: str) -> dict:
+    """Bring a run up to date: train every stage without a model, evaluate every cell not yet scored (whose task
+    still has its test data), then write results.csv, summary.json and the report. ``origin`` ("run" or "extend")
+    goes into the history of each stage trained now."""
     from .nnunet.env import resolve_device
     from .stages import RunContext, StageTraining, evaluate_stage
     ctx = RunContext(exp, run, workspace, tasks, method, resolve_device(exp.device), log, labels, stages)
@@ -98,13 +141,13 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = Fa
     training.ensure_initial_model()
     evaluate_stage(ctx, 0, "none")
     for stage in stages:
-        if run.stage_eval(stage.index).is_file():
-            log(f"Stage {stage.index} ({stage.label}) already done, skipping")
+        if run.model(stage.index).is_file():
             training.load_method_state(stage.index)
-            continue
-        training.train(stage)
+        else:
+            training.train(stage, origin)
         evaluate_stage(ctx, stage.index, stage.label)
-    run.write_results(pd.concat([run.read_stage_eval(i) for i in [0] + [s.index for s in stages]]))
+    cells = [run.read_cell(i, t.name) for i in [0, *(s.index for s in stages)] for t in tasks]
+    run.write_results(pd.concat([c for c in cells if c is not None]))
     summary = write_summary_and_report(run.root)
     run.write_format()  # every record is now in the current format (see run_folder)
     log(f"Done. Report: {run.report}")

@@ -36,6 +36,9 @@ class Task:
     dataset_json: dict
     cases: dict[str, Case]
     test_cases: list[str] = field(default_factory=list)
+    #: The training case IDs as the run recorded them, for a task rebuilt from its record after its training files
+    #: were deleted (lifelong use); None for a task read from its folder.
+    recorded_train: list[str] | None = None
 
     @property
     def name(self) -> str:
@@ -64,7 +67,42 @@ class Task:
 
     @property
     def train_cases(self) -> list[str]:
+        if self.recorded_train is not None:
+            return list(self.recorded_train)
         return [c for c in sorted(self.cases) if c not in set(self.test_cases)]
+
+    @property
+    def evaluable(self) -> bool:
+        """Whether the task can be scored: it has test cases and all their files (an imported task has none)."""
+        return bool(self.test_cases) and not self.missing_test_cases
+
+    @property
+    def missing_test_cases(self) -> list[str]:
+        """Test cases whose files are gone (a task rebuilt from its record): such a task is not evaluated."""
+        return [c for c in self.test_cases if c not in self.cases]
+
+
+def task_record(task: Task) -> dict:
+    """What a run keeps of a task so that later stages never need its training data again: its dataset.json, its
+    training and test case IDs, and where its test files are (relative to the task folder)."""
+    def rel(path: Path) -> str:
+        return str(Path(path).relative_to(task.folder))
+    return {"folder": str(task.folder), "dataset_json": task.dataset_json, "n_cases": len(task.cases),
+            "train_cases": task.train_cases, "test_cases": list(task.test_cases),
+            "test_files": {c: {"images": [rel(p) for p in task.cases[c].images], "label": rel(task.cases[c].label)}
+                           for c in task.test_cases if c in task.cases}}
+
+
+def task_from_record(record: dict) -> Task:
+    """A task as the run recorded it; only its test cases whose files still exist are attached (for evaluation)."""
+    folder = Path(record["folder"])
+    cases = {}
+    for cid, files in record["test_files"].items():
+        case = Case(cid, tuple(folder / p for p in files["images"]), folder / files["label"])
+        if all(p.is_file() for p in (*case.images, case.label)):
+            cases[cid] = case
+    return Task(folder, record["dataset_json"], cases, list(record["test_cases"]),
+                recorded_train=list(record["train_cases"]))
 
 
 def resolve_task_folder(spec: str | int | Path, raw_root: Path | None = None) -> Path:

@@ -39,7 +39,7 @@ def stage_labels(results: pd.DataFrame) -> list[str]:
     ]
 
 
-def continual_metrics(R: np.ndarray, higher_is_better: bool = True) -> dict:
+def continual_metrics(R: np.ndarray, higher_is_better: bool = True, evaluated: np.ndarray | None = None) -> dict:
     """Continual metrics of a sequential schedule; R has shape (T+1, T), row 0 before training.
 
     With a(i, j) = R[i][j-1] (stage i, task j, both 1-based as in the papers):
@@ -54,12 +54,18 @@ def continual_metrics(R: np.ndarray, higher_is_better: bool = True) -> dict:
     positive forgetting means "got worse" and a negative BWT/FWT means "worse than the reference score";
     final_average, plasticity and final_per_task stay plain means of R, in the metric's own unit.
 
-    Aggregates are None when any of their terms is undefined (NaN cell), rather than a mean over the
-    remaining tasks that would silently change the definition; bwt, fwt and forgetting are None when T == 1.
+    ``evaluated`` (same shape, bool) marks the cells that were scored at all. A cell that was not (its task's test
+    data were gone when the stage was evaluated, as in lifelong use) is left out: every term that needs it is
+    dropped from its mean, and ``n_not_evaluated`` says how many cells were missing. Among evaluated cells an
+    undefined score (NaN) still makes its aggregate None, rather than a mean over the remaining tasks that would
+    silently change the definition; bwt, fwt and forgetting are None when T == 1.
     """
     R = np.asarray(R, dtype=float)
     if R.ndim != 2 or R.shape[0] != R.shape[1] + 1 or R.shape[1] < 1:
         raise ValueError(f"result matrix must have shape (T+1, T) with T >= 1, got {R.shape}")
+    ok = np.ones(R.shape, dtype=bool) if evaluated is None else np.asarray(evaluated, dtype=bool)
+    if ok.shape != R.shape:
+        raise ValueError(f"evaluated mask has shape {ok.shape}, the result matrix {R.shape}")
     T = R.shape[1]
     oriented = R if higher_is_better else -R  # "better" is "larger" in oriented, whatever the metric
 
@@ -69,18 +75,26 @@ def continual_metrics(R: np.ndarray, higher_is_better: bool = True) -> dict:
     def o(i: int, j: int) -> float:
         return oriented[i, j - 1]
 
-    forgetting = (
-        [none_if_nan(np.max([o(i, j) for i in range(j, T)]) - o(T, j)) for j in range(1, T)] if T > 1 else None
-    )
+    def seen(*cells: tuple[int, int]) -> bool:
+        return all(ok[i, j - 1] for i, j in cells)
+
+    def forgetting_of(j: int) -> float | None:
+        before = [o(i, j) for i in range(j, T) if seen((i, j))]
+        return none_if_nan(np.max(before) - o(T, j)) if before and seen((T, j)) else None
+
+    forgetting = [forgetting_of(j) for j in range(1, T)] if T > 1 else None
+    forgotten_terms = [math.nan if f is None else f for j, f in zip(range(1, T), forgetting or [])
+                       if seen((T, j)) and any(seen((i, j)) for i in range(j, T))]
     return {
         "n_tasks": T,
-        "final_per_task": [none_if_nan(a(T, j)) for j in range(1, T + 1)],
-        "final_average": _mean(a(T, j) for j in range(1, T + 1)),
-        "plasticity": _mean(a(j, j) for j in range(1, T + 1)),
-        "bwt": _mean(o(T, j) - o(j, j) for j in range(1, T)) if T > 1 else None,
-        "fwt": _mean(o(j - 1, j) - o(0, j) for j in range(2, T + 1)) if T > 1 else None,
+        "final_per_task": [none_if_nan(a(T, j)) if seen((T, j)) else None for j in range(1, T + 1)],
+        "final_average": _mean(a(T, j) for j in range(1, T + 1) if seen((T, j))),
+        "plasticity": _mean(a(j, j) for j in range(1, T + 1) if seen((j, j))),
+        "bwt": _mean(o(T, j) - o(j, j) for j in range(1, T) if seen((T, j), (j, j))) if T > 1 else None,
+        "fwt": _mean(o(j - 1, j) - o(0, j) for j in range(2, T + 1) if seen((j - 1, j), (0, j))) if T > 1 else None,
         "forgetting": forgetting,
-        "mean_forgetting": _mean(math.nan if f is None else f for f in forgetting) if forgetting else None,
+        "mean_forgetting": _mean(forgotten_terms) if forgetting else None,
+        "n_not_evaluated": int((~ok).sum()),
     }
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 from .metrics import metric_spec
 
 UNDEFINED = "—"
+NOT_EVALUATED = "not evaluated (test data absent)"
 
 # (summary key, heading, one-line meaning with {m} for the metric's name), in the order the tables show them.
 CONTINUAL_METRICS = [
@@ -50,10 +51,17 @@ def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], image
 
     lines += ["## Result matrix", "",
               f"Mean foreground {name}{unit} on each task's test split (columns) after each stage (rows).", ""]
+    missing = {(int(i), str(t)) for i, t in summary.get("not_evaluated") or []}
+    names = list(summary.get("tasks") or R.columns)
     lines += _table(
         ["stage"] + [str(c) for c in R.columns],
-        [[label] + [_fmt(v) for v in row] for label, row in zip(row_labels, R.to_numpy(dtype=float).tolist())],
+        [[label] + [NOT_EVALUATED if (i, names[j] if j < len(names) else "") in missing else _fmt(v)
+                    for j, v in enumerate(row)]
+         for i, (label, row) in enumerate(zip(row_labels, R.to_numpy(dtype=float).tolist()))],
     )
+    if missing:
+        lines += ["", f"{len(missing)} cell(s) *{NOT_EVALUATED}*: the task's held-out test cases were gone when that "
+                  f"stage was evaluated. They are left out of every mean below (never read as zero)."]
     if head.get("n_undefined"):
         note = (f"{head['n_undefined']} (case, label) {name} score(s) are undefined (the label is in only one of "
                 f"prediction and reference) and left out of the means above. Per cell:")
@@ -96,8 +104,29 @@ def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], image
         rows += [["final average vs. joint (upper bound)", _fmt(gaps.get("vs_joint"))]]
         lines += _table(["comparison", f"{name} gap"], rows)
 
+    lines += _history(summary.get("history") or [])
     lines += _images(images)
     return "\n".join(lines) + "\n"
+
+
+def _history(history: list[dict]) -> list[str]:
+    """How the model grew: one row per stage with where it came from, the data it saw and its budget."""
+    if not history:
+        return []
+    lines = ["", "## History", "", "Each stage of the model: trained in `run`, added by `extend`, or imported "
+             "(`--start-from`). The fingerprint is a hash of the dataset's files, so changed data show.", ""]
+    rows = []
+    for h in history:
+        data = "; ".join(f"{d['name']} ({d['n_train']} train, {d['n_test']} test)" for d in h.get("datasets", []))
+        budget = h.get("budget") or {}
+        versions = h.get("versions") or {}
+        rows.append([str(h["stage"]), h.get("origin", "?"), data or UNDEFINED,
+                     ", ".join(d.get("fingerprint", "") for d in h.get("datasets", [])) or UNDEFINED,
+                     f"{budget.get('epochs', '?')} x {budget.get('iterations_per_epoch', '?')}" if budget else
+                     UNDEFINED, h.get("finished", UNDEFINED),
+                     ", ".join(f"{k} {v}" for k, v in versions.items()) or UNDEFINED])
+    return lines + _table(["stage", "origin", "data", "fingerprint", "epochs x iterations", "finished", "versions"],
+                          rows)
 
 
 def render_comparison_markdown(rows: dict[str, dict], images: dict[str, str]) -> str:

@@ -60,10 +60,12 @@ def summarize(run_dir: Path, metric: str | None = None) -> dict:
                              f"Pick one of those; a metric left out of evaluation.metrics needs a new run.")
     schedule = run.read_schedule()
     chained = all(len(s.train_tasks) == 1 for s in schedule) and all(s.init == "previous" for s in schedule[1:])
-    by_metric = {m: _metric_summary(results, tasks, m, schedule, chained) for m in metrics}
+    evaluated = evaluated_cells(results, tasks)
+    by_metric = {m: _metric_summary(results, tasks, m, schedule, chained, evaluated) for m in metrics}
     head = by_metric[metric]
     summary: dict = {"method": exp.method, "scenario": exp.scenario, "tasks": tasks, "metric": metric,
-                     "R": head["R"], "stage_labels": stage_labels(results)}
+                     "R": head["R"], "stage_labels": stage_labels(results),
+                     "not_evaluated": [[int(i), tasks[j]] for i, j in zip(*(~evaluated).nonzero())]}
     summary.update({k: head[k] for k in CONTINUAL_KEYS})
     infos = [model["info"] for model in run.trained_models(schedule).values()]
     # optional info keys: stage 0 trained nothing, and peak GPU memory exists on CUDA only
@@ -72,24 +74,35 @@ def summarize(run_dir: Path, metric: str | None = None) -> dict:
         values = [i[key] for i in infos if key in i]
         summary[key] = max(values) if values else None
     summary["by_metric"] = by_metric
+    summary["history"] = run.read_history()
     return summary
 
 
-def _metric_summary(results: pd.DataFrame, tasks: list[str], metric: str, schedule: list, chained: bool) -> dict:
-    """R and its continual metrics for one metric, oriented by its direction (see ``continual_metrics``)."""
+def evaluated_cells(results: pd.DataFrame, tasks: list[str]):
+    """Which cells R[stage][task] were scored at all (a task whose test data were gone at a stage was not)."""
+    n_stages = int(results["stage"].max()) + 1 if len(results) else 0
+    counts = results.groupby(["stage", "eval_task"]).size().unstack("eval_task")
+    return counts.reindex(index=range(n_stages), columns=list(tasks)).notna().to_numpy()
+
+
+def _metric_summary(results: pd.DataFrame, tasks: list[str], metric: str, schedule: list, chained: bool,
+                    evaluated) -> dict:
+    """R and its continual metrics for one metric, oriented by its direction (see ``continual_metrics``); cells
+    not evaluated are left out of the means and counted."""
     arr = result_matrix(results, tasks, metric).to_numpy(dtype=float)
     spec = metric_spec(metric)
     higher = spec.higher_is_better
     if chained and arr.shape == (len(tasks) + 1, len(tasks)):
-        values = continual_metrics(arr, higher_is_better=higher)
+        values = continual_metrics(arr, higher_is_better=higher, evaluated=evaluated)
     else:
-        if is_one_model_per_task(schedule):
-            final = [float(arr[i + 1, i]) for i in range(len(tasks))]
-        else:
-            final = [float(v) for v in arr[-1]]
-        values = {"n_tasks": len(tasks), "final_per_task": [none_if_nan(v) for v in final],
-                  "final_average": none_if_nan(sum(final) / len(final)), "plasticity": None, "bwt": None, "fwt": None,
-                  "forgetting": None, "mean_forgetting": None}
+        cells = [(i + 1, i) for i in range(len(tasks))] if is_one_model_per_task(schedule) else \
+            [(arr.shape[0] - 1, j) for j in range(len(tasks))]
+        final = [float(arr[i, j]) if evaluated[i, j] else None for i, j in cells]
+        scored = [v for v in final if v is not None]
+        values = {"n_tasks": len(tasks), "final_per_task": [None if v is None else none_if_nan(v) for v in final],
+                  "final_average": none_if_nan(sum(scored) / len(scored)) if scored else None, "plasticity": None,
+                  "bwt": None, "fwt": None, "forgetting": None, "mean_forgetting": None,
+                  "n_not_evaluated": int((~evaluated).sum())}
     undefined = undefined_counts(results, tasks, metric).to_numpy()
     return {"R": arr.tolist(), "higher_is_better": higher, "unit": spec.unit, **values,
             "n_undefined": int(undefined.sum()), "undefined": undefined.tolist()}

@@ -38,11 +38,19 @@ class Stage:
 
     ``init`` is ``"previous"`` (the last stage's final weights) or ``"initial"`` (the untrained stage-0 weights).
     ``budget`` multiplies the spec's epochs, so a stage that stands for several tasks (joint) gets their compute.
+    ``epochs`` / ``iterations_per_epoch``, when set, replace the spec's for this stage only (``extend --epochs``).
     """
     index: int  # 1-based; stage 0 is the untrained model
     train_tasks: tuple[str, ...]
     init: StageInit = "previous"
     budget: float = 1.0
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+
+    @property
+    def plan(self) -> tuple:
+        """What the method's schedule decides (tasks, start, budget), without the per-stage budget overrides."""
+        return self.index, tuple(self.train_tasks), self.init, self.budget
 
     def __post_init__(self) -> None:
         if self.init not in STAGE_INITS:
@@ -140,6 +148,10 @@ class Method:
     params: ClassVar[dict[str, Param]] = {}
     #: True when the method keeps (some) earlier-task training data; all others must never write image data.
     keeps_old_data: ClassVar[bool] = False
+    #: True when ``after_stage`` computes the method's state from the stage's training data (importances, a
+    #: calibration): a model imported with ``run --start-from`` was trained elsewhere, so the method cannot start
+    #: from it without that data.
+    learns_state_from_task_data: ClassVar[bool] = False
     #: Scenarios the method is defined for ("domain": same labels, new appearance; "class": new structures).
     scenarios: ClassVar[tuple[Scenario, ...]] = ("domain", "class")
 
@@ -204,6 +216,12 @@ class Method:
         """Earlier tasks' training cases (task -> case IDs) to mix into this stage; ``earlier`` lists all of them.
 
         Only methods with ``keeps_old_data = True`` may return anything (the runner enforces it)."""
+        return {}
+
+    def keep_for_replay(self, task: str, train_cases: list[str]) -> dict[str, list[str]]:
+        """Called when a stage that trained ``task`` ends (only for ``keeps_old_data`` methods): the whole memory
+        afterwards (task -> case IDs). The runner keeps copies of exactly these cases in the run folder, so later
+        stages, and ``extend`` after the originals are deleted, replay without the raw data or the cache."""
         return {}
 
     def replay_share(self, stage: Stage) -> float:

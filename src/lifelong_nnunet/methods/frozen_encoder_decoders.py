@@ -38,6 +38,7 @@ from .params import Param, flag, integer, number, numbers
 class FrozenEncoderDecoders(Method):
     name = "frozen_encoder_decoders"
     scenarios = ("class",)
+    learns_state_from_task_data = True  # each decoder's temperature is fitted on its task's validation patches
     params: ClassVar[dict[str, Param]] = {
         "compress": flag(True),  # distil each new decoder (stage 2 on) into a smaller student
         # candidate student widths, as fractions of the encoder's features per stage

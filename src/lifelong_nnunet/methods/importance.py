@@ -186,6 +186,7 @@ class QuadraticMethod(Method):
     the state was reloaded (resume) or the network object changed.
     """
     term: ClassVar[str] = ""
+    learns_state_from_task_data = True  # the importances are estimated on each task's own training batches
 
     def __init__(self, **overrides: Any) -> None:
         super().__init__(**overrides)

@@ -2,9 +2,10 @@
 every later stage (iCaRL's fixed exemplar memory, Rebuffi et al. 2017; "tiny episodic memories", Chaudhry et al.
 2019).
 
-The memory holds case IDs only: the cases stay where they already are, in the run's preprocessed nnU-Net cache;
-nothing is copied. When a task ends, ``cases_per_task`` of its training cases are drawn once (seeded) and kept for
-all later stages. ``max_cases`` bounds the memory: when a new task does not fit, the tasks' quotas are made as even
+The memory is explicit: when a task's stage ends, ``cases_per_task`` of its training cases are drawn once (seeded),
+and the runner keeps preprocessed copies of exactly those cases in the run folder (``replay/<task>/``, the only
+image data a run folder holds), so later stages and ``extend`` replay them after the original data are deleted.
+``max_cases`` bounds the memory: when a new task does not fit, the tasks' quotas are made as even
 as possible and each task keeps a prefix of its sample, so cases only ever leave the memory, never come back.
 ``share`` is the expected fraction of every training batch drawn from the memory. See docs/methods/rehearsal.md.
 """
@@ -54,6 +55,14 @@ class Rehearsal(Method):
         rng = np.random.default_rng([self.config["seed"], zlib.crc32(task.encode())])
         order = rng.permutation(sorted(cases)).tolist()
         return order[: self.sample_size(len(order))]
+
+    def keep_for_replay(self, task: str, train_cases: list[str]) -> dict[str, list[str]]:
+        """The task's sample enters the memory when its stage ends (the same draw a later stage would make), so
+        its cases can be kept in the run folder before the original data may be deleted."""
+        if task not in self.buffer:
+            self.buffer[task] = self.draw(task, train_cases)
+        self._bound()
+        return {t: list(cases) for t, cases in self.buffer.items()}
 
     def replay_buffer(self, stage: Stage, earlier: dict[str, list[str]]) -> dict[str, list[str]]:
         for task, cases in earlier.items():

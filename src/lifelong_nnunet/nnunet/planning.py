@@ -28,11 +28,13 @@ from .env import nnunet_env
 PLANS_NAME = "nnUNetPlans"
 
 
-def workspace_key(tasks: list[Task], configuration: str, plan_task: Task | None = None) -> str:
+def workspace_key(tasks: list[Task], configuration: str, plan_task: Task | None = None,
+                  plans: dict | None = None) -> str:
     """A hash of what planning depends on: the set of task folders with their training cases, the task planned on
-    (default: the first) and the configuration. Sorted, so that every ordering of the same tasks shares one key."""
-    plan_task = plan_task or tasks[0]
-    blob = json.dumps({"config": configuration, "plan_source": plan_task.name,
+    (default: the first) or the given plans, and the configuration. Sorted, so that every ordering of the same tasks
+    shares one key."""
+    source = {"plans": plans} if plans is not None else {"plan_source": (plan_task or tasks[0]).name}
+    blob = json.dumps({"config": configuration, **source,
                        "tasks": sorted([str(t.folder), t.train_cases, t.dataset_json, _fingerprint(t)] for t in tasks)},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -65,11 +67,17 @@ def find_plan_task(tasks: list[Task], plan_with: str | int | None) -> Task:
 
 
 class Workspace:
-    """nnU-Net raw/preprocessed folders for one (set of tasks, splits, planning task, configuration) combination."""
+    """nnU-Net raw/preprocessed folders for one (set of tasks, splits, planning task, configuration) combination.
 
-    def __init__(self, root: Path, tasks: list[Task], configuration: str, plan_with: str | int | None = None) -> None:
-        self.plan_task = find_plan_task(tasks, plan_with)
-        self.root = Path(root) / workspace_key(tasks, configuration, self.plan_task)
+    With ``plans`` (a run's stored plans, when ``extend`` adds tasks to a finished run) nothing is planned: every
+    task is preprocessed with exactly those plans, as the planning task's plans are moved to the other tasks of a
+    batch run, so a task added later gets the same preprocessed arrays as in a run that had it from the start."""
+
+    def __init__(self, root: Path, tasks: list[Task], configuration: str, plan_with: str | int | None = None,
+                 plans: dict | None = None) -> None:
+        self.given_plans = plans
+        self.plan_task = None if plans is not None else find_plan_task(tasks, plan_with)
+        self.root = Path(root) / workspace_key(tasks, configuration, self.plan_task, plans)
         self.tasks = tasks
         self.configuration = configuration
         self.raw = self.root / "nnUNet_raw"
@@ -107,8 +115,12 @@ class Workspace:
         # caller's script) and leaves process state behind that changed the float bits of the next training.
         # the planning task first (its plans are moved to the others), the others in a fixed order
         others = sorted((t for t in self.tasks if t is not self.plan_task), key=lambda t: t.name)
+        first = [self.plan_task] if self.plan_task is not None else []
+        if self.given_plans is not None:
+            write_json(tmp / "given_plans.json", self.given_plans)
         args = json.dumps({"root": str(tmp), "configuration": self.configuration,
-                           "tasks": [[t.name, t.dataset_id] for t in [self.plan_task, *others]]})
+                           "tasks": [[t.name, t.dataset_id] for t in [*first, *others]],
+                           "given_plans": self.given_plans is not None})
         child = subprocess.Popen([sys.executable, "-m", __name__, args], stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
         output = []
@@ -119,8 +131,8 @@ class Workspace:
         if child.wait() != 0:
             raise RuntimeError("nnU-Net planning/preprocessing failed:\n" + "".join(output[-40:]))
         os.replace(tmp, self.root)
-        write_json(self.done_marker, {"tasks": sorted(t.name for t in self.tasks), "plan_with": self.plan_task.name,
-                                      "configuration": self.configuration})
+        write_json(self.done_marker, {"tasks": sorted(t.name for t in self.tasks), "configuration": self.configuration,
+                                      "plan_with": self.plan_task.name if self.plan_task else "given plans"})
 
     def _link_training_cases(self, raw: Path) -> None:
         for t in self.tasks:
@@ -136,7 +148,56 @@ class Workspace:
             (dst / "dataset.json").write_text(json.dumps(djson, indent=2))
 
 
+def cached_workspaces(root: Path) -> list[dict]:
+    """The workspaces under a cache folder (finished or interrupted), with their tasks and size in bytes."""
+    root = Path(root)
+    out = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        marker = folder / "planned.json"
+        tasks = json.loads(marker.read_text()).get("tasks", []) if marker.is_file() else []
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+        out.append({"path": str(folder), "tasks": tasks, "bytes": size})
+    return out
+
+
+def clear_cache(root: Path) -> tuple[int, int]:
+    """Delete every workspace under ``root``; return how many and their size. Runs never need them again."""
+    entries = cached_workspaces(root)
+    for entry in entries:
+        shutil.rmtree(entry["path"])
+    return len(entries), sum(e["bytes"] for e in entries)
+
+
 PROGRESS_PREFIX = "@progress "
+
+
+def _preprocess_with_given_plans(plans: dict, tasks: list[tuple[str, int]], configuration: str, log) -> None:
+    """Each task preprocessed with ``plans``, written for it the way nnU-Net's ``move_plans_between_datasets``
+    writes them (dataset name, plans name, the reader/writer its files need), without planning. The task's own
+    fingerprint is still extracted: nnU-Net's trainer copies it into its output folder."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    for i, (name, dataset_id) in enumerate(tasks):
+        raw = Path(os.environ["nnUNet_raw"]) / name
+        target = Path(os.environ["nnUNet_preprocessed"]) / name
+        target.mkdir(parents=True, exist_ok=True)
+        dataset_json = json.loads((raw / "dataset.json").read_text())
+        example = next(iter(get_filenames_of_train_images_and_targets(str(raw), dataset_json).values()))["images"][0]
+        reader = determine_reader_writer_from_dataset_json(dataset_json, example, allow_nonmatching_filename=True,
+                                                           verbose=False)
+        log(f"Planning [{i + 1}/{len(tasks)}] {name}: fingerprint (the plans are the run's)")
+        with silenced_stdout():
+            extract_fingerprint_dataset(dataset_id, num_processes=2, verbose=False, show_progress_bar=False)
+        moved = {**plans, "dataset_name": name, "image_reader_writer": reader.__name__, "plans_name": PLANS_NAME}
+        (target / f"{PLANS_NAME}.json").write_text(json.dumps(moved, indent=4))
+        shutil.copy(raw / "dataset.json", target / "dataset.json")
+        log(f"Preprocessing [{i + 1}/{len(tasks)}] {name} with the run's stored plans")
+        with silenced_stdout():
+            preprocess_dataset(dataset_id, PLANS_NAME, (configuration,), (2,), verbose=False,
+                               show_progress_bar=False)
+        shutil.rmtree(target / "gt_segmentations", ignore_errors=True)
 
 
 def _plan_and_preprocess(tasks: list[tuple[str, int]], configuration: str, log) -> None:
@@ -165,9 +226,13 @@ def _plan_and_preprocess(tasks: list[tuple[str, int]], configuration: str, log) 
 def _child_main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     root = Path(spec["root"])
+    tasks, log = [tuple(t) for t in spec["tasks"]], lambda msg: print(PROGRESS_PREFIX + msg, flush=True)
     with nnunet_env(root / "nnUNet_raw", root / "nnUNet_preprocessed"):
-        _plan_and_preprocess([tuple(t) for t in spec["tasks"]], spec["configuration"],
-                             lambda msg: print(PROGRESS_PREFIX + msg, flush=True))
+        if spec["given_plans"]:
+            _preprocess_with_given_plans(json.loads((root / "given_plans.json").read_text()), tasks,
+                                         spec["configuration"], log)
+        else:
+            _plan_and_preprocess(tasks, spec["configuration"], log)
 
 
 if __name__ == "__main__":

@@ -59,13 +59,16 @@ class RunContext:
 
     @cached_property
     def plans(self) -> dict:
-        """The shared plans (planned on one task, copied to all)."""
-        return self.workspace.plans(self.tasks[0])
+        """The shared plans, as the run stored them: after `extend` the workspace holds only the new tasks (the plans
+        nnU-Net writes for each task differ only in the dataset's name)."""
+        return self.run.read_plans()
 
     @cached_property
     def dataset_json(self) -> dict:
-        """The model's dataset.json: every structure of the sequence in the class scenario."""
-        return model_dataset_json(self.workspace.dataset_json(self.tasks[0]), self.labels)
+        """The model's dataset.json: every structure of the sequence in the class scenario. Built from the first
+        task's record, which outlives its data."""
+        first = self.tasks[0]
+        return model_dataset_json(dict(first.dataset_json, numTraining=len(first.train_cases)), self.labels)
 
     def tasks_before(self, stage: Stage) -> list[str]:
         return tasks_before(self.schedule, stage)

@@ -1,7 +1,7 @@
 """Evaluating one stage: every task's held-out test cases predicted by the stage's model and scored.
 
-A stage counts as done only once its evaluation file exists (written atomically), so this is the last step of a
-stage and the one a resumed run checks.
+Each cell R[stage][task] has its own file (written atomically), so a resumed run, or `extend` adding a task, scores
+exactly the cells still missing.
 """
 from __future__ import annotations
 
@@ -17,12 +17,18 @@ from .context import RunContext
 
 
 def evaluate_stage(ctx: RunContext, index: int, trained_on: str) -> None:
-    """Predict every task's test cases with the model of stage ``index`` and score them into its eval file."""
+    """Predict the test cases of every task not yet scored at stage ``index`` with that stage's model, one cell
+    R[index][task] at a time. A task whose test files are gone is left out (its cell stays "not evaluated"),
+    never scored as zero; an imported task has no test cases at all."""
     from ..evaluation.metrics import nsd_tolerances, score_case
     from ..nnunet.predictor import Segmenter, read_label
     from ..nnunet.trainer import build_network
-    out = ctx.run.stage_eval(index)
-    if out.is_file():
+    todo = [t for t in ctx.tasks if ctx.run.read_cell(index, t.name) is None]
+    for t in [t for t in todo if t.missing_test_cases]:
+        ctx.log(f"Stage {index}: {t.short_name} not evaluated: {len(t.missing_test_cases)} of its "
+                f"{len(t.test_cases)} test case(s) are gone (e.g. {t.missing_test_cases[0]})")
+    todo = [t for t in todo if t.evaluable]
+    if not todo:
         return
     method, exp, labels = ctx.method, ctx.exp, ctx.labels
     net = build_network(ctx.plans, exp.configuration, ctx.dataset_json, deep_supervision=False)
@@ -32,14 +38,13 @@ def evaluate_stage(ctx: RunContext, index: int, trained_on: str) -> None:
     net = method.adapt_network(net, ctx.tasks_trained_by(index))
     net.load_state_dict(stored["network_weights"])
     dataset_json = known_labels_json(ctx.dataset_json, labels, ctx.tasks_trained_by(index))
-    rows = []
-    n_cases = sum(len(t.test_cases) for t in ctx.tasks)
-    started = time.time()
+    started, means = time.time(), {}
     with progress_bar(ctx.log.quiet) as bar:
-        job = bar.add_task(f"Evaluating stage {index}", total=n_cases, info="")
-        for t in ctx.tasks:
-            seg = Segmenter(method.network_for_task(net, t.name), ctx.workspace.plans(t), exp.configuration,
-                            dataset_json, ctx.device, exp.evaluation.mirroring, exp.evaluation.tile_step_size)
+        job = bar.add_task(f"Evaluating stage {index}", total=sum(len(t.test_cases) for t in todo), info="")
+        for t in todo:
+            rows = []
+            seg = Segmenter(method.network_for_task(net, t.name), ctx.plans, exp.configuration, dataset_json,
+                            ctx.device, exp.evaluation.mirroring, exp.evaluation.tile_step_size)
             for cid in t.test_cases:
                 case = t.cases[cid]
                 pred, props = seg.predict_files(list(case.images))
@@ -53,8 +58,8 @@ def evaluate_stage(ctx: RunContext, index: int, trained_on: str) -> None:
                     rows.append({"stage": index, "trained_on": trained_on, "eval_task": t.name, "case": cid, **row})
                 bar.advance(job, 1)
                 bar.update(job, info=t.short_name)
-    df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    ctx.run.write_stage_eval(index, df)
-    mean = df[df.metric == "dice"].groupby("eval_task").value.mean()
+            df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+            ctx.run.write_cell(index, t.name, df)
+            means[t.short_name] = df[df.metric == "dice"].value.mean()
     ctx.log(f"Stage {index} evaluated in {time.time() - started:.0f} s: "
-            + ", ".join(f"{ctx.by_name[k].short_name} Dice {v:.3f}" for k, v in mean.items()))
+            + ", ".join(f"{k} Dice {v:.3f}" for k, v in means.items()))

@@ -21,18 +21,20 @@ from .context import RunContext, tasks_before
 
 @dataclass(frozen=True)
 class StageSources:
-    """Builds every stage's `DataSource` list. ``preprocessed_folder(task)``: nnU-Net's preprocessed data of a task;
-    ``validation_fraction`` and ``seed``: the spec's, for the per-epoch validation cases."""
+    """Builds every stage's `DataSource` list. ``preprocessed_folder(task)``: nnU-Net's preprocessed data of a task
+    being trained; ``replay_folder(task)``: where the run keeps the replay buffer's copies of an earlier task's cases
+    (`RunFolder.replay_dir`); ``validation_fraction`` and ``seed``: the spec's, for the per-epoch validation cases."""
     tasks: list[Task]
     method: Method
     schedule: list[Stage]
     preprocessed_folder: Callable[[Task], Path]
+    replay_folder: Callable[[str], Path]
     validation_fraction: float
     seed: int
 
     @classmethod
     def of(cls, ctx: RunContext) -> StageSources:
-        return cls(ctx.tasks, ctx.method, ctx.schedule, ctx.workspace.preprocessed_folder,
+        return cls(ctx.tasks, ctx.method, ctx.schedule, ctx.workspace.preprocessed_folder, ctx.run.replay_dir,
                    ctx.exp.validation_fraction, ctx.exp.seed)
 
     def split_train_val(self, task: Task) -> tuple[list[str], list[str]]:
@@ -62,8 +64,8 @@ class StageSources:
                 raise PluginContractError(f"replay buffer of '{method.name}' names cases outside {name}'s training "
                                           f"cases: {unknown[:3]}")
         share = method.replay_share(stage) if buffer else 0.0
-        replay = [DataSource(name, self.preprocessed_folder(by_name[name]), sorted(cases), [])
-                  for name, cases in buffer.items() if cases]
+        replay = [DataSource(name, self.replay_folder(name), sorted(cases), []) for name, cases in buffer.items()
+                  if cases]
         for group, total in ((current, 1.0 - share), (replay, share)):
             n = sum(len(s.train_keys) for s in group)
             for s in group:

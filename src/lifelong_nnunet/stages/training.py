@@ -6,15 +6,21 @@ point resumes from nnU-Net's per-epoch checkpoint, and a stage whose ``model.pt`
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from ..console import RunLog, progress_bar, silenced_stdout
+from ..io_utils import atomic_write
 from ..methods import Stage, StageState
 from ..run_folder import NNUNET_FINAL_CHECKPOINT, load_model, save_model
+from ..runner import known_labels_json
+from ..tasks import Task
 from ..seeding import seed_everything
 from .context import RunContext
 from .sources import StageSources
@@ -36,7 +42,11 @@ class StageTraining:
         if path.is_file():
             return
         seed_everything(ctx.exp.seed)
-        net = build_network(ctx.plans, ctx.exp.configuration, ctx.dataset_json, deep_supervision=True)
+        # the first task's outputs only: the untrained model must not depend on which tasks come later (their
+        # labels would change how many random numbers the output layers draw), or `extend` could never equal a run
+        # that knew the whole sequence from the start
+        first_labels = known_labels_json(ctx.dataset_json, ctx.labels, [])
+        net = build_network(ctx.plans, ctx.exp.configuration, first_labels, deep_supervision=True)
         save_model(path, ctx.method.adapt_network(net, []).state_dict(), {})
 
     def load_method_state(self, index: int) -> None:
@@ -70,9 +80,12 @@ class StageTraining:
             trainer = build_trainer(ctx.workspace.plans(first), exp.configuration, ctx.dataset_json, ctx.device,
                                     resume=True, results_dir=ctx.run.nnunet_results(stage.index))
             trainer.configure(sources=self.sources(stage), method=ctx.method, stage_state=state, epochs=epochs,
-                              iterations_per_epoch=t.iterations_per_epoch, val_iterations=t.val_iterations,
+                              iterations_per_epoch=stage_iterations(stage, t), val_iterations=t.val_iterations,
                               initial_lr=t.initial_lr, seed=exp.seed, batch_size=t.batch_size, on_epoch=on_epoch)
             trainer.initialize()
+            # seeded before the method adapts the network: parts it adds (new output channels, heads) are then the
+            # same whatever ran before in this process (an uninterrupted run, a resumed one, or `extend`)
+            seed_everything(exp.seed, stage.index)
             before = list(state.tasks_before)
             trainer.set_network(ctx.method.adapt_network(trainer.network, before))
             trainer.network.load_state_dict(load_model(init_from)["network_weights"])
@@ -81,13 +94,16 @@ class StageTraining:
         return trainer
 
     # ---- training ------------------------------------------------------------------------------------------
-    def train(self, stage: Stage) -> None:
+    def train(self, stage: Stage, origin: str = "run") -> None:
+        """Train ``stage`` (or finish it after a kill) and save its model; ``origin`` ("run" or "extend") goes into
+        the run's history."""
         ctx = self.ctx
         run, t = ctx.run, ctx.exp.training
         if run.model(stage.index).is_file():
             self.load_method_state(stage.index)
             return
-        epochs = max(1, round(t.epochs * stage.budget))
+        epochs, iterations = stage_epochs(stage, t), stage_iterations(stage, t)
+        started_at = now()
         with progress_bar(ctx.log.quiet) as bar:
             job = bar.add_task(f"Stage {stage.index} [{stage.label}] epochs", total=epochs, info="")
 
@@ -108,14 +124,88 @@ class StageTraining:
                 with silenced_stdout():
                     trainer.run_training()
                     ctx.method.after_stage(trainer, stage)
+        if ctx.method.keeps_old_data:
+            self.keep_for_replay(stage)
         save_model(run.model(stage.index), trainer.network.state_dict(), ctx.method.state_dict(),
                    {"stage": stage.index, "trained_on": list(stage.train_tasks),
                     "tasks_seen": ctx.tasks_trained_by(stage.index),
                     "train_seconds": time.time() - started, "epochs": epochs,
-                    "iterations_per_epoch": t.iterations_per_epoch, **peak_memory_mb(ctx.device)})
+                    "iterations_per_epoch": iterations, **peak_memory_mb(ctx.device)})
+        run.record_history({"stage": stage.index, "origin": origin, "started": started_at, "finished": now(),
+                            "datasets": [dataset_summary(ctx.by_name[n]) for n in stage.train_tasks],
+                            "budget": {"epochs": epochs, "iterations_per_epoch": iterations}, "versions": versions()})
         final = Path(trainer.output_folder) / NNUNET_FINAL_CHECKPOINT
         final.unlink(missing_ok=True)  # model.pt holds the weights; the optimizer state is not needed any more
         ctx.log(f"Stage {stage.index} [{stage.label}] trained in {time.time() - started:.0f} s")
+
+
+    def keep_for_replay(self, stage: Stage) -> None:
+        """Copy the cases the method keeps of this stage's tasks into the run folder (its declared, bounded buffer),
+        and drop the copies of cases that left the buffer, so replay never needs the cache or the raw data."""
+        ctx = self.ctx
+        for name in stage.train_tasks:
+            buffer = ctx.method.keep_for_replay(name, self.sources.split_train_val(ctx.by_name[name])[0])
+            for task, cases in buffer.items():
+                folder = ctx.run.replay_dir(task)
+                if task in stage.train_tasks:
+                    source = ctx.workspace.preprocessed_folder(ctx.by_name[task])
+                    for case in cases:
+                        for f in preprocessed_files(source, case):
+                            if not (folder / f.name).is_file():
+                                atomic_write(folder / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp),
+                                             suffix=f.suffix)
+                for f in list(folder.iterdir()) if folder.is_dir() else []:
+                    if case_of(f) not in cases:
+                        f.unlink()
+
+
+def stage_epochs(stage: Stage, training) -> int:
+    """A stage's epochs: its own (set by `extend --epochs`), else the spec's, scaled by the stage's budget."""
+    return stage.epochs if stage.epochs is not None else max(1, round(training.epochs * stage.budget))
+
+
+def stage_iterations(stage: Stage, training) -> int:
+    return stage.iterations_per_epoch if stage.iterations_per_epoch is not None else training.iterations_per_epoch
+
+
+def preprocessed_files(folder: Path, case: str) -> list[Path]:
+    """The files nnU-Net's preprocessing wrote for one case (image, segmentation, properties), in any format."""
+    return sorted(f for f in Path(folder).iterdir() if case_of(f) == case)
+
+
+def case_of(path: Path) -> str:
+    """The case a preprocessed file belongs to: ``case.b2nd``, ``case_seg.b2nd``, ``case.pkl`` -> ``case``."""
+    stem = path.name.split(".")[0]
+    return stem[: -len("_seg")] if stem.endswith("_seg") else stem
+
+
+def dataset_summary(task: Task) -> dict:
+    """What a stage saw of a dataset, for the history: name, case counts and a fingerprint of its files."""
+    return {"name": task.name, "n_cases": len(task.cases), "n_train": len(task.train_cases),
+            "n_test": len(task.test_cases), "fingerprint": content_fingerprint(task)}
+
+
+def content_fingerprint(task: Task) -> str:
+    """SHA-256 over every case file's name and bytes (training and test), in case order: the same data give the
+    same fingerprint wherever they are copied, changed data another one."""
+    digest = hashlib.sha256()
+    for cid in sorted(task.cases):
+        case = task.cases[cid]
+        for f in (*case.images, case.label):
+            digest.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+    return {p: version(p) for p in ("lifelong-nnunet", "nnunetv2", "torch")}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
