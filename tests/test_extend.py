@@ -135,6 +135,8 @@ def test_extend_refuses_other_labels_in_the_domain_scenario(cli_in_process, fini
 
 def test_extend_refuses_other_channels(cli_in_process, finished, variant):
     other = variant(lambda d: d.update(channel_names={"0": "T1", "1": "T2"}))
+    for image in list((other / "imagesTr").glob("*_0000.nii.gz")):  # a complete two-channel dataset
+        shutil.copy(image, image.with_name(image.name.replace("_0000", "_0001")))
     before = snapshot(finished)
     assert "input channel(s)" in refused(cli_in_process, "extend", finished, "--task", other)
     assert snapshot(finished) == before

@@ -115,17 +115,18 @@ def extend(
     """Add stages to a finished run: train the new task(s) with the run's method, plans and settings, evaluate every
     task after each new stage, and update the report. The old tasks' training data are not needed."""
     from .lifelong import extend_run
+    from .run_folder import RunFolder
     for name, value in (("--epochs", epochs), ("--iterations", iterations)):
         if value is not None and value < 1:
             raise UserInputError(f"{name} must be a positive whole number (got {value}).")
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise UserInputError(f"--device '{device}' is unknown; use auto, cpu or cuda.")
     summary = extend_run(run_dir, _split_tasks(task), epochs=epochs, iterations=iterations, device=device,
-                         cache_dir=str(cache_dir) if cache_dir else None, raw_root=str(raw_root) if raw_root else None,
-                         keep_cache=keep_cache, quiet=quiet)
+                         cache_dir=_folder_flag(cache_dir), raw_root=_folder_flag(raw_root), keep_cache=keep_cache,
+                         quiet=quiet)
     value = summary.get("final_average")
     console.print(f"Final average {'undefined' if value is None else f'{value:.3f}'} over {len(summary['tasks'])} "
-                  f"task(s). Report: {Path(run_dir) / 'report.md'}")
+                  f"task(s). Report: {RunFolder(Path(run_dir)).report}")
 
 
 def _split_tasks(tasks: Optional[List[str]]) -> list[str]:
