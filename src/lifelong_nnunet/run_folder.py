@@ -129,20 +129,15 @@ def _labels_from_1(space: dict) -> dict:
     return {"scenario": "domain", "introduced_by": {}, "task_maps": {}, "task_labels": {}, **space}
 
 
-# The per-metric keys of a summary, as ``continual_metrics`` returns them plus R and the direction: summary.json's
-# top level holds them for the headline metric, ``by_metric`` for every metric the run scored.
-SUMMARY_METRIC_KEYS = ("R", "n_tasks", "final_per_task", "final_average", "plasticity", "bwt", "fwt", "forgetting",
-                       "mean_forgetting", "higher_is_better", "unit")
-
-
 def _summary_from_1(summary: dict) -> dict:
     """Summaries from before other metrics than Dice held the headline metric's keys at the top level only;
     ``forgetting`` was once the mean, not the per-task list; the direction of a metric was not stored."""
     from .evaluation.metrics import metric_spec
+    from .evaluation.summary import CONTINUAL_KEYS
     summary.setdefault("metric", "dice")
     by_metric = summary["by_metric"] = summary.get("by_metric") or {}
-    if summary["metric"] not in by_metric:
-        by_metric[summary["metric"]] = {k: summary[k] for k in SUMMARY_METRIC_KEYS if k in summary}
+    if summary["metric"] not in by_metric:  # the top level held the headline metric's entry
+        by_metric[summary["metric"]] = {k: summary[k] for k in ("R", *CONTINUAL_KEYS) if k in summary}
     for name, entry in by_metric.items():
         entry.setdefault("higher_is_better", metric_spec(name).higher_is_better)
         if "mean_forgetting" not in entry:
