@@ -40,6 +40,11 @@ def old_run(tmp_path) -> RunFolder:
     return RunFolder(Path(shutil.copytree(FIXTURE, tmp_path / "old_run")))
 
 
+def stage_rows(run: RunFolder, index: int) -> pd.DataFrame:
+    """Every task's scores at stage ``index``, in training order, read cell by cell (either format)."""
+    return pd.concat([run.read_cell(index, t) for t in run.read_tasks()], ignore_index=True)
+
+
 def _close(a, b) -> bool:
     """JSON-like values equal, floats to 1e-9 (NaN-free records)."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -91,7 +96,7 @@ def test_predict_with_an_old_run_reproduces_its_stored_scores(old_run, raw_sites
     pred = read_label(written[0])
     rows = score_case(pred, read_label(raw_sites[0] / "labelsTr" / f"{case}.nii.gz"),
                       {"structure_a": 1, "structure_b": 2}, ["dice"])
-    stored = old_run.read_stage_eval(2)
+    stored = stage_rows(old_run, 2)
     stored = stored[(stored.case == case) & (stored.metric == "dice")].set_index("label").value
     assert {r["label"]: r["value"] for r in rows} == pytest.approx(stored.to_dict(), abs=1e-6)
 
@@ -124,7 +129,7 @@ def test_an_old_run_resumes_after_its_data_moved(old_run, raw_sites, tmp_path):
     log = old_run.log.read_text()
     assert "Stage 1 (Dataset901_SynthSiteA) already done" in log
     assert {i: old_run.model(i).stat().st_mtime_ns for i in (0, 1, 2)} == models  # nothing retrained
-    again = old_run.read_stage_eval(2)  # evaluated again, with the same weights on the same data
+    again = stage_rows(old_run, 2)  # evaluated again, with the same weights on the same data
     before = pd.read_csv(FIXTURE / "stages" / "stage_2" / "eval.csv")
     assert again[["eval_task", "case", "label", "metric"]].equals(before[["eval_task", "case", "label", "metric"]])
     np.testing.assert_allclose(again.value, before.value, rtol=1e-5, atol=1e-6)

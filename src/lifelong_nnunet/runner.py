@@ -142,6 +142,9 @@ def advance(exp: Experiment, run: RunFolder, workspace, tasks: list[Task], metho
     evaluate_stage(ctx, 0, "none")
     for stage in stages:
         if run.model(stage.index).is_file():
+            scored = all(run.read_cell(stage.index, t.name) is not None for t in tasks if t.evaluable)
+            log(f"Stage {stage.index} ({stage.label}) already "
+                + ("done, skipping" if scored else "trained; evaluating its missing cells"))
             training.load_method_state(stage.index)
         else:
             training.train(stage, origin)
