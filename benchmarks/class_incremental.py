@@ -66,18 +66,18 @@ def structure_dice(run: Path) -> pd.Series:
 
 
 def chosen_student(record: dict) -> dict | None:
-    """The candidate that replaced the teacher: the first accepted one, else (none within tolerance) the best."""
-    tried = record.get("candidates", [])
-    if not record.get("compressed") or not tried:
+    """The candidate that replaced the teacher (the first within tolerance); None when the teacher was kept."""
+    if not record.get("compressed"):
         return None
-    return next((c for c in tried if c["accepted"]), max(tried, key=lambda c: c["dice"]))
+    return next(c for c in record["candidates"] if c["accepted"])
 
 
-def student_label(st: dict | None) -> str:
+def student_label(record: dict) -> str:
+    st = chosen_student(record)
     if st is None:
-        return "full (not compressed)"
-    verdict = "within tolerance" if st["accepted"] else "best; none within tolerance"
-    return f"{st['width']:g} x {st['n_conv']} (Dice {st['dice']:.3f}, {verdict})"
+        reason = record.get("kept_teacher")
+        return "full size (" + (f"kept: {reason}" if reason else "not compressed") + ")"
+    return f"{st['width']:g} x {st['n_conv']} (Dice {st['dice']:.3f}, within tolerance)"
 
 
 def parameters(model: Path) -> int:
@@ -181,6 +181,7 @@ def main() -> None:
                  "teacher_parameters": records[Path(t).name]["teacher_parameters"],
                  "teacher_dice": records[Path(t).name].get("teacher_dice"),
                  "student": chosen_student(records[Path(t).name]),
+                 "label": student_label(records[Path(t).name]),
                  "temperature": records[Path(t).name]["temperature"]} for t in tasks]
 
     # inference side by side on the test cases of every task
@@ -219,10 +220,9 @@ def main() -> None:
     lines += ["", "| decoder (task) | parameters | share of one nnU-Net | FLOPs per patch | teacher parameters | "
               "student (width x convs) | temperature |", "|---|---|---|---|---|---|---|"]
     for d in decoders:
-        st = d["student"]
         lines.append(f"| {d['task']} | {d['parameters'] / 1e6:.3f} M | {d['share_of_base_parameters']:.1%} | "
                      f"{d['flops_per_patch'] / 1e9:.2f} G | {d['teacher_parameters'] / 1e6:.3f} M | "
-                     f"{student_label(st)} | "
+                     f"{d['label']} | "
                      f"{d['temperature']:.2f} |")
     lines += ["", f"Inference per case: merged model {merged_s:.2f} s, one nnU-Net {one_s:.2f} s: "
                   f"{ratio:.2f}x (target for T={T}: at most {1 + 0.3 * (T - 1):.1f}x).", "",

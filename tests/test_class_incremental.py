@@ -18,7 +18,8 @@ from lifelong_nnunet.labels import LabelSpace
 from fakes import FakeTrainer
 from lifelong_nnunet.methods import Stage, create_method
 from lifelong_nnunet.methods.mib import init_new_from_background
-from lifelong_nnunet.networks.encoder_decoders import CompactDecoder, EncoderDecoders, parameter_count
+from lifelong_nnunet.methods.compression import StudentSearch
+from lifelong_nnunet.networks.encoder_decoders import CompactDecoder, EncoderDecoders, parameter_count, without_encoder
 from lifelong_nnunet.networks.output_head import num_outputs, resize_output
 from lifelong_nnunet.nnunet.trainer import map_targets
 from lifelong_nnunet.tasks import Task
@@ -116,6 +117,25 @@ def test_targets_are_mapped_per_sample_through_their_tasks_table():
     assert out["target"][0].dtype == torch.float32
 
 
+def test_importance_batches_are_mapped_like_training_batches():
+    """EWC's Fisher and MAS's importance draw `training_batches`: in the class scenario their targets must be the
+    global IDs the loss compares the grown head with, as in `train_step` (task 2's local 1 is global 3)."""
+    from types import SimpleNamespace
+
+    from lifelong_nnunet.nnunet.trainer import ContinualTrainer
+
+    class Loader:
+        data_loader = None
+
+        def __next__(self):
+            return {"keys": ["B/case1"], "data": None, "target": [torch.tensor([[[[0.0, 1.0, 2.0]]]])]}
+
+    trainer = SimpleNamespace(dataloader_train=Loader(), target_luts={"B": torch.tensor([0, 3, 4])})
+    trainer.map_targets = lambda batch: ContinualTrainer.map_targets(trainer, batch)
+    batches = list(ContinualTrainer.training_batches(trainer, 2))
+    assert len(batches) == 2 and all(b["target"][0].flatten().tolist() == [0, 3, 4] for b in batches)
+
+
 # ---- the frozen-encoder / decoders network --------------------------------------------------------------------
 def test_compact_decoder_matches_nnunets_decoder_interface_and_is_smaller():
     net = _unet(3)
@@ -154,6 +174,76 @@ def test_a_new_decoder_has_its_own_parameters_and_the_method_rejects_the_domain_
     assert method.scenarios == ("class",)
 
 
+# ---- decoder compression --------------------------------------------------------------------------------------
+def _teacher_and_batches(n: int = 4, seed: int = 0):
+    """A tiny nnU-Net's encoder and decoder (the teacher) and fixed patches labelled with the teacher's own argmax,
+    so the teacher's validation Dice is 1 and a student is judged only by how well it copies the teacher."""
+    net = _unet(3, deep_supervision=False)
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    with torch.no_grad():
+        for _ in range(n):
+            data = torch.randn(2, 1, 16, 16, 16, generator=g)
+            batches.append({"data": data, "target": net(data).argmax(1, keepdim=True).float()})
+    return net.encoder, without_encoder(net.decoder), batches
+
+
+def _search(tolerance: float, iterations: int = 1, kd_weight: float = 0.0) -> StudentSearch:
+    return StudentSearch(widths=(0.25, 0.5), convs=(1,), max_parameters=1e9, tolerance=tolerance,
+                         iterations=iterations, lr=1e-2, temperature=2.0, kd_weight=kd_weight, deep_supervision=False)
+
+
+def _no_task_loss(output, target):
+    return 0.0 * output.sum()
+
+
+def test_a_student_learns_its_teachers_predictions_by_distillation_alone():
+    """No task loss: whatever the student learns comes through the KD term (a detached student learns nothing)."""
+    from lifelong_nnunet.methods.compression import distil_decoder
+    from lifelong_nnunet.methods.distillation import softened_kl
+    encoder, teacher, batches = _teacher_and_batches()
+    before_enc = {k: v.clone() for k, v in encoder.state_dict().items()}
+    before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
+    torch.manual_seed(1)
+    student = CompactDecoder(encoder, 3, width=0.5, n_conv=1, deep_supervision=False)
+
+    def gap() -> float:
+        with torch.no_grad():
+            return sum(float(softened_kl(student(encoder(b["data"])), teacher(encoder(b["data"])), 1.0))
+                       for b in batches)
+
+    start, turn = gap(), iter(range(10**6))
+    distil_decoder(encoder, teacher, student, lambda: batches[next(turn) % len(batches)], _no_task_loss,
+                   iterations=60, lr=1e-2, temperature=2.0, kd_weight=1.0, device=torch.device("cpu"))
+    assert gap() < 0.3 * start
+    assert all(torch.equal(v, before_enc[k]) for k, v in encoder.state_dict().items())  # both stay frozen
+    assert all(torch.equal(v, before_teacher[k]) for k, v in teacher.state_dict().items())
+
+
+def test_the_search_keeps_the_teacher_when_no_student_comes_within_tolerance():
+    """An untrained student is far below a teacher of validation Dice 1: no decoder is replaced by a worse one."""
+    from lifelong_nnunet.methods.compression import search_student
+    encoder, teacher, batches = _teacher_and_batches()
+    args = (encoder, teacher, 3)
+    kept = search_student(*args, _search(0.01), batches, lambda: batches[0], _no_task_loss, torch.device("cpu"),
+                          seed=torch.manual_seed)
+    assert kept.teacher_dice == 1.0 and kept.student is None
+    assert len(kept.tried) == 2 and all(c["dice"] < 0.99 and not c["accepted"] for c in kept.tried)
+    assert "no student came within 0.01 Dice" in kept.kept_teacher
+    # the same students pass a tolerance they meet: the smallest one is taken
+    taken = search_student(*args, _search(1.0), batches, lambda: batches[0], _no_task_loss, torch.device("cpu"),
+                           seed=torch.manual_seed)
+    assert taken.student is not None and taken.student.width == 0.25 and taken.kept_teacher is None
+    # patches without any structure cannot judge a student: none is trained, the teacher stays
+    for b in batches:
+        b["target"] = torch.zeros_like(b["target"])
+    with torch.no_grad():
+        teacher.seg_layers[-1].bias[0] = 1e4  # the teacher predicts background everywhere
+    blind = search_student(*args, _search(1.0), batches, lambda: batches[0], _no_task_loss, torch.device("cpu"),
+                           seed=torch.manual_seed)
+    assert blind.student is None and not blind.tried and "none of the task's structures" in blind.kept_teacher
+
+
 # ---- end to end -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def structure_tasks(tmp_path_factory) -> list[Path]:
@@ -178,7 +268,9 @@ def _class_run(tasks, method, params, out, cache):
 def test_frozen_encoder_decoders_end_to_end(structure_tasks, class_cache, tmp_path):
     run = tmp_path / "fed"
     _class_run(structure_tasks, "frozen_encoder_decoders",
-               {"widths": [0.25, 0.5], "convs": [1], "val_batches": 2, "student_budget": 1.0}, run, class_cache)
+               {"widths": [0.25, 0.5], "convs": [1], "val_batches": 2, "student_budget": 1.0,
+                "dice_tolerance": 1.0},  # a tiny budget: accept a student, whose mechanics are checked here
+               run, class_cache)
     models = [torch.load(run / "stages" / f"stage_{i}" / "model.pt", weights_only=True) for i in (1, 2, 3)]
     w = [m["network_weights"] for m in models]
     # the encoder is bitwise unchanged after stage 1, and every decoder is unchanged by later stages

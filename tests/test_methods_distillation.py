@@ -226,13 +226,14 @@ def test_mib_unbiased_kd_matches_hand_computation():
     zs, zt = [0.2, -1.0, 0.7, 1.5], [1.0, 0.3, -0.4]  # student: 0,1,2 old + 3 new; teacher: 0,1,2
     qs, pt = _probs(zs), _probs(zt)
     q_hat = [qs[0] + qs[3], qs[1], qs[2]]
-    hand = sum(p * (math.log(p) - math.log(q)) for p, q in zip(pt, q_hat))
+    hand = sum(p * (math.log(p) - math.log(q)) for p, q in zip(pt, q_hat)) / 3  # / |C_old|, the authors' scale
     got = unbiased_kd(torch.tensor(zs).view(1, 4, 1), torch.tensor(zt).view(1, 3, 1), [0, 1, 2], [0, 3])
     assert got.item() == pytest.approx(hand, rel=1e-5)
-    # no new class: exactly the plain KD (KL at T = 1)
+    # no new class: exactly the plain KD (KL at T = 1) over the three old classes
     torch.manual_seed(0)
     s, t = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 3, 4, 4, 4)
-    assert unbiased_kd(s, t, [0, 1, 2], [0, 1, 2]).item() == pytest.approx(softened_kl(s, t, 1.0).item(), rel=1e-6)
+    assert unbiased_kd(s, t, [0, 1, 2], [0, 1, 2]).item() == pytest.approx(softened_kl(s, t, 1.0).item() / 3,
+                                                                           rel=1e-6)
     assert unbiased_kd(t, t, [0, 1, 2], [0, 1, 2]).abs().item() < 1e-6
 
 
@@ -245,8 +246,8 @@ def test_mib_domain_mode_adds_only_weighted_kd(setup):
     terms = method.loss_terms(trainer, data, target, out)
     with torch.no_grad():
         t_out = method.teacher(data)
-    hand = 3.0 * sum(w * softened_kl(o.detach(), to, 1.0)
-                     for w, o, to in zip(deep_supervision_weights(len(out)), out, t_out))
+    hand = 3.0 / 3 * sum(w * softened_kl(o.detach(), to, 1.0)  # lambda / |C_old| (three channels)
+                         for w, o, to in zip(deep_supervision_weights(len(out)), out, t_out))
     assert list(terms) == ["mib_kd"] and terms["mib_kd"].item() == pytest.approx(hand.item(), rel=1e-5)
 
 

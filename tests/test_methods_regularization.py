@@ -39,11 +39,11 @@ def tiny_net(seed: int = 0) -> PlainConvUNet:
                          deep_supervision=True)
 
 
-def make_batches(n: int, seed: int) -> list[dict]:
+def make_batches(n: int, seed: int, classes: int = 3) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        seg = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=g)
+        seg = torch.randint(0, classes, (2, 1, 8, 8, 8), generator=g)
         data = torch.randn(2, 1, 8, 8, 8, generator=g) + seg.float()
         out.append({"data": data, "target": [seg.float(), seg[:, :, ::2, ::2, ::2].float()]})
     return out
@@ -57,11 +57,11 @@ def trainer_for(network, batches, stage=1) -> FakeTrainer:
     return FakeTrainer(network, stage=Stage(stage, (f"task{stage}",)), loss=loss, batches=batches)
 
 
-def train_steps(method, trainer, n, lr=0.05, seed=0):
+def train_steps(method, trainer, n, lr=0.05, seed=0, classes=3):
     """Plain SGD steps through the method's hooks, as ContinualTrainer.train_step calls them."""
     net = trainer.network
     opt = torch.optim.SGD(net.parameters(), lr=lr)
-    batches = make_batches(n, seed)
+    batches = make_batches(n, seed, classes)
     for b in batches:
         opt.zero_grad(set_to_none=True)
         out = net(b["data"])
@@ -363,6 +363,58 @@ def test_rw_score_averages_the_tasks():
     method.after_stage(trainer2, trainer2.stage_state.stage)
     for n in s1:
         torch.testing.assert_close(method.score[n], 0.5 * (s1[n] + raw[n] / top), rtol=1e-5, atol=1e-8)  # as above
+
+
+# ---- class scenario: the segmentation head grows ----------------------------------------------------------------
+@pytest.mark.parametrize("name", METHODS)
+def test_a_grown_head_keeps_old_importances_and_leaves_new_channels_unpenalised(name):
+    """Task 2 adds two structures: the head grows from 3 to 5 channels (new ones appended, `resize_output`). The
+    penalty must bind to the grown network (it crashed on the shape mismatch), keep the old channels' importance and
+    anchors, and put none on the new channels; the next task's importance covers the grown head."""
+    from lifelong_nnunet.networks.output_head import resize_output
+    method = create_method(name, {**FAST[name], "lambda": 2.0})
+    trainer = trainer_for(tiny_net(), make_batches(4, 10))
+    finish_task(method, trainer, seed=0)
+    old = {n: (method.quadratic.weight[n].clone(), method.quadratic.anchor[n].clone()) for n in method.quadratic.weight}
+
+    grown_net = resize_output(trainer.network, 5)
+    perturb(grown_net, 0.02, seed=3)
+    t2 = trainer_for(grown_net, make_batches(4, 30, classes=5), 2)
+    method.before_stage(t2, t2.stage_state.stage)
+    heads = [n for n, p in grown_net.named_parameters() if p.shape != old[n][0].shape]
+    assert heads and all(n.startswith("decoder.seg_layers") for n in heads)
+    total = torch.zeros((), dtype=torch.float64)  # by hand: the old channels only
+    for n, p in grown_net.named_parameters():
+        w, a = old[n]
+        rows = p.detach()[tuple(slice(0, k) for k in w.shape)]
+        total += (w.double() * (rows.double() - a.double()) ** 2).sum()
+    value = method.penalty_value(grown_net)
+    assert value.item() == pytest.approx(method.coefficient() * total.item() + method.coefficient()
+                                         * method.quadratic.const, rel=1e-5)
+    grads = dict(zip([n for n, _ in grown_net.named_parameters()],
+                     torch.autograd.grad(value, list(grown_net.parameters()), allow_unused=True)))
+    for n in heads:
+        assert bool((grads[n][3:] == 0).all()), f"{n}: a new channel is penalised"  # weight 0: exactly 0
+        if float(old[n][0].abs().max()) > 0:  # (MAS puts none on the low-resolution head, which its objective skips)
+            assert float(grads[n][:3].abs().max()) > 0, f"{n}: the old channels lost their importance"
+
+    train_steps(method, t2, 3, seed=9, classes=5)  # rw tracks the grown head step by step
+    method.after_stage(t2, t2.stage_state.stage)
+    for n, p in grown_net.named_parameters():
+        assert method.quadratic.weight[n].shape == p.shape and bool(torch.isfinite(method.quadratic.weight[n]).all())
+    assert any(float(method.quadratic.weight[n][3:].abs().max()) > 0 for n in heads)  # task 2 learned them
+    method.before_stage(t2, Stage(3, ("task3",)))
+    assert method.penalty_value(grown_net).item() >= 0
+
+
+def test_a_stored_tensor_only_grows():
+    from lifelong_nnunet.methods.importance import grown
+    stored = torch.arange(6.0).reshape(3, 2)
+    out = grown(stored, torch.empty(5, 2))
+    assert torch.equal(out[:3], stored) and bool((out[3:] == 0).all())
+    assert grown(stored, torch.empty(3, 2)) is stored
+    with pytest.raises(ValueError, match="cannot grow"):
+        grown(stored, torch.empty(2, 2))
 
 
 # ---- resume -----------------------------------------------------------------------------------------------------

@@ -128,7 +128,8 @@ class TrainerView(Protocol):
         """nnU-Net's ignore label of the dataset, or None when it has none."""
 
     def training_batches(self, n: int) -> Iterator[dict]:
-        """``n`` augmented training batches of this stage's data (``{"data", "target", "keys"}``)."""
+        """``n`` augmented training batches of this stage's data (``{"data", "target", "keys"}``), targets as in
+        training (`Method.training_label_map` applied)."""
 
     def validation_batches(self, n: int) -> list[dict]:
         """``n`` un-augmented validation batches of this stage's data, targets as in training."""

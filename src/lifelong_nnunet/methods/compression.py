@@ -3,8 +3,10 @@
 A small architecture search over candidate widths and depths (`CompactDecoder`) under a parameter budget: candidates
 are tried from the smallest up; each is trained by knowledge distillation on the frozen encoder's features (softened
 logits of the teacher, optionally its decoder features, plus nnU-Net's own task loss) and accepted when its Dice on
-the task's validation patches is within ``tolerance`` of the teacher's. If none is, the best candidate is kept and
-the record says so. Everything here runs on the trainer's data loaders, seeded, so a rerun picks the same student.
+the task's validation patches is within ``tolerance`` of the teacher's. If none is, or the validation patches cannot
+tell (the teacher's Dice is undefined), there is no student: the caller keeps the teacher, and the record says why.
+A decoder is never replaced by a worse one. Everything here runs on the trainer's data loaders, seeded, so a rerun
+picks the same student.
 """
 from __future__ import annotations
 
@@ -131,28 +133,44 @@ class StudentSearch:
 def search_student(encoder: nn.Module, teacher: nn.Module, num_classes: int, search: StudentSearch,
                    val_batches: Sequence[dict], train_batches: Callable[[], dict], task_loss: Callable,
                    device: torch.device, seed: Callable[[int], None], log: Callable[[str], None] = lambda s: None):
-    """The smallest candidate within ``search.tolerance`` Dice of the teacher (else the best one), distilled on
-    ``train_batches()`` and judged on ``val_batches``; ``seed(i)`` is called before candidate ``i`` is built. Returns
-    (student, teacher Dice, list of candidate records as dicts); ``None`` as student when no candidate fits."""
+    """The smallest candidate within ``search.tolerance`` Dice of the teacher, distilled on ``train_batches()`` and
+    judged on ``val_batches``; ``seed(i)`` is called before candidate ``i`` is built. Returns a `SearchResult`; its
+    ``student`` is None (keep the teacher) when no candidate fits the size budget or comes within the tolerance, or
+    when the validation patches hold none of the task's structures (a Dice that cannot judge a student)."""
     teacher_dice = evaluate_decoder(encoder, teacher, val_batches, num_classes, device)
-    tried, best = [], None
-    for i, cand in enumerate(candidates(encoder, num_classes, search.widths, search.convs, search.max_parameters)):
+    grid = candidates(encoder, num_classes, search.widths, search.convs, search.max_parameters)
+    if np.isnan(teacher_dice):
+        return SearchResult(None, teacher_dice, [], "the validation patches hold none of the task's structures, so "
+                                                    "no student can be judged against the teacher")
+    if not grid:
+        return SearchResult(None, teacher_dice, [], "no candidate student fits the size budget")
+    tried = []
+    for i, cand in enumerate(grid):
         seed(i)
         student = CompactDecoder(encoder, num_classes, cand.width, cand.n_conv, search.deep_supervision).to(device)
         distil_decoder(encoder, teacher, student, train_batches, task_loss, search.iterations, search.lr,
                        search.temperature, search.kd_weight, device)
         cand.dice = evaluate_decoder(encoder, student, val_batches, num_classes, device)
-        cand.accepted = bool(np.isnan(teacher_dice) or cand.dice >= teacher_dice - search.tolerance)
+        cand.accepted = bool(cand.dice >= teacher_dice - search.tolerance)
         tried.append(cand)
         log(f"student width {cand.width:g} x{cand.n_conv} conv: {cand.parameters} parameters, Dice {cand.dice:.3f} "
             f"(teacher {teacher_dice:.3f})" + (" accepted" if cand.accepted else ""))
-        if best is None or cand.dice > best[1].dice:
-            best = (student, cand)
         if cand.accepted:
-            return student, teacher_dice, [asdict(c) for c in tried]
-    if best is None:
-        return None, teacher_dice, []
-    return best[0], teacher_dice, [asdict(c) for c in tried]
+            return SearchResult(student, teacher_dice, [asdict(c) for c in tried], None)
+    best = max(c.dice for c in tried)
+    return SearchResult(None, teacher_dice, [asdict(c) for c in tried],
+                        f"no student came within {search.tolerance:g} Dice of the teacher's {teacher_dice:.3f} "
+                        f"(best {best:.3f})")
+
+
+@dataclass
+class SearchResult:
+    """What `search_student` found: the accepted ``student`` (None: keep the teacher, for the ``kept_teacher``
+    reason), the teacher's validation Dice and every candidate tried."""
+    student: CompactDecoder | None
+    teacher_dice: float
+    tried: list[dict]
+    kept_teacher: str | None
 
 
 def validation_logits(encoder: nn.Module, decoder: nn.Module, batches: Sequence[dict],

@@ -2,10 +2,10 @@
 
 Stage 1 trains a normal nnU-Net on task 1. From stage 2 on the encoder is frozen and a new full-size decoder (built
 from the same plans, its body copied from decoder 1, new segmentation layers) learns task k's structures plus
-background; then it is distilled into the smallest student decoder within a Dice tolerance (`methods.compression`)
-and calibrated by temperature scaling on the task's validation patches. Earlier decoders never change, so nothing
-learned is forgotten; predictions of all decoders are merged by `networks.merge`. See
-docs/methods/frozen_encoder_decoders.md.
+background; then it is distilled into the smallest student decoder within a Dice tolerance (`methods.compression`;
+when no student comes that close the full-size decoder is kept, recorded as ``kept_teacher``) and calibrated by
+temperature scaling on the task's validation patches. Earlier decoders never change, so nothing learned is forgotten;
+predictions of all decoders are merged by `networks.merge`. See docs/methods/frozen_encoder_decoders.md.
 """
 from __future__ import annotations
 
@@ -141,15 +141,18 @@ class FrozenEncoderDecoders(Method):
                 lr=trainer.initial_lr, temperature=float(self.config["kd_temperature"]),
                 kd_weight=float(self.config["kd_weight"]),
                 deep_supervision=bool(getattr(full.decoder, "deep_supervision", False)))
-            student, teacher_dice, tried = search_student(
+            found = search_student(
                 net.encoder, full.decoder, self._num_local(task), search, val, lambda: next(train_batches),
                 trainer.loss, device, seed=lambda i: seed_everything(trainer.seed, stage.index, 1000 + i),
                 log=lambda s: trainer.print_to_log_file(s))
-            record.update(teacher_dice=teacher_dice, candidates=tried, base_parameters=base)
-            if student is not None:
-                self.arch[task] = {"width": student.width, "n_conv": student.n_conv}
-                replacement = TaskDecoder(student, full.class_map.tolist()).to(device)
+            record.update(teacher_dice=found.teacher_dice, candidates=found.tried, base_parameters=base,
+                          kept_teacher=found.kept_teacher)
+            if found.student is not None:
+                self.arch[task] = {"width": found.student.width, "n_conv": found.student.n_conv}
+                replacement = TaskDecoder(found.student, full.class_map.tolist()).to(device)
                 net.replace(task, replacement)
+            else:  # never a decoder worse than its teacher: the full-size one stays, and the record says why
+                trainer.print_to_log_file(f"{task}: kept the full-size decoder: {found.kept_teacher}")
         decoder = net.decoder(task)
         record.update(parameters=parameter_count(decoder.decoder),
                       flops=decoder_flops(net.encoder, decoder.decoder, patch, n_in),

@@ -5,7 +5,8 @@ per-parameter importance and ``a`` an anchor (earlier weights). What differs is 
 holds what they share:
 
 - parameter bookkeeping keyed by ``named_parameters()`` names (deduplicated: nnU-Net's decoder holds a reference to
-  the encoder, so ``state_dict()`` repeats the encoder's weights, ``named_parameters()`` does not);
+  the encoder, so ``state_dict()`` repeats the encoder's weights, ``named_parameters()`` does not); a stored tensor
+  of a segmentation head that grew since (class scenario) is zero-padded to the new shape (`grown`);
 - `gradient_importance`: the mean, over several augmented training batches, of a transform (square or absolute
   value) of per-sample gradients of an objective (EWC's task loss, MAS's output norm);
 - `Quadratic`: a sum of per-task quadratics stored as one (weight, anchor, constant) triple, exactly:
@@ -38,6 +39,20 @@ def trainable_parameters(network: torch.nn.Module) -> list[tuple[str, torch.nn.P
 def snapshot(network: torch.nn.Module) -> Tensors:
     """Detached fp32 copies of the trainable parameters (on their device)."""
     return {n: p.detach().float().clone() for n, p in trainable_parameters(network)}
+
+
+def grown(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``stored`` zero-padded at the end of each dimension to the shape of ``like``: a stored importance or anchor of a
+    layer that grew since, i.e. the segmentation head of the class scenario, whose new output channels are appended
+    after the old ones (`networks.output_head.resize_output`). The old channels keep their values; the new ones get
+    importance 0, so they start unpenalised. Anything else than growth is a different layer: a ValueError."""
+    if stored.shape == like.shape:
+        return stored
+    if stored.ndim != like.ndim or any(a > b for a, b in zip(stored.shape, like.shape)):
+        raise ValueError(f"a stored tensor of shape {tuple(stored.shape)} cannot grow to {tuple(like.shape)}")
+    out = stored.new_zeros(like.shape)
+    out[tuple(slice(0, n) for n in stored.shape)] = stored
+    return out
 
 
 def to_cpu(tensors: Tensors | None) -> Tensors | None:
@@ -114,7 +129,7 @@ class Quadratic:
             if n not in self.weight:
                 w_new[n], a_new[n] = f.clone(), anchor[n].clone()
                 continue
-            w0, m0 = self.weight[n].double(), self.anchor[n].double()
+            w0, m0 = grown(self.weight[n], f).double(), grown(self.anchor[n], f).double()
             f64, a64 = f.double().to(w0.device), anchor[n].double().to(w0.device)
             w = w0 + f64
             m = torch.where(w > 0, (w0 * m0 + f64 * a64) / torch.where(w > 0, w, 1.0), a64)
@@ -124,7 +139,7 @@ class Quadratic:
 
     def decayed_with_new_anchor(self, decay: float, weight: Tensors, anchor: Tensors) -> "Quadratic":
         """Online form (Schwarz et al. 2018; MAS with decay 1): ``(decay * W + weight)(theta - anchor)^2``."""
-        w = {n: (decay * self.weight[n].to(f.device) + f if n in self.weight else f.clone())
+        w = {n: (decay * grown(self.weight[n], f).to(f.device) + f if n in self.weight else f.clone())
              for n, f in weight.items()}
         return Quadratic(w, {n: a.clone() for n, a in anchor.items()}, 0.0)
 
@@ -154,8 +169,8 @@ class BoundPenalty:
                 continue
             self.names.append(n)
             self.params.append(p)
-            self.anchors.append(quadratic.anchor[n].to(p.device, p.dtype))
-            self.root_weights.append((coefficient * quadratic.weight[n].to(p.device, torch.float32)).sqrt()
+            self.anchors.append(grown(quadratic.anchor[n], p).to(p.device, p.dtype))
+            self.root_weights.append((coefficient * grown(quadratic.weight[n], p).to(p.device, torch.float32)).sqrt()
                                      .to(p.dtype))
         self.const = coefficient * quadratic.const
 
@@ -233,5 +248,5 @@ class QuadraticMethod(Method):
         self._bound = None
 
 
-__all__ = ["Tensors", "trainable_parameters", "snapshot", "to_cpu", "highest_resolution",
+__all__ = ["Tensors", "trainable_parameters", "snapshot", "grown", "to_cpu", "highest_resolution",
            "gradient_importance", "Quadratic", "BoundPenalty", "QuadraticMethod"]

@@ -50,9 +50,12 @@ def unbiased_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, old_
 
     Teacher channel j is class ``old_classes[j]``. The student's probability of background becomes the sum of its
     probabilities over background and the classes new to the teacher, N = new_classes \\ old_classes; every other
-    old class c keeps q(c):  sum_j p_t(j) [log p_t(j) - log q_hat(old_classes[j])].
-    The paper writes the cross-entropy -sum_j p_t(j) log q_hat(.): it differs by the teacher's entropy, a constant
-    for the student, so the gradient is the same. With N empty it is the plain KD, KL(p_t || q|old classes).
+    old class c keeps q(c):  1/|C_old| sum_j p_t(j) [log p_t(j) - log q_hat(old_classes[j])].
+    The division by the number of old classes (background included) is the authors' code's (Cermelli et al.'s
+    UnbiasedKnowledgeDistillationLoss divides by the teacher's channel count); it keeps lambda = 10 at the weight
+    the paper tuned whatever the number of classes. The paper writes the cross-entropy -sum_j p_t(j) log q_hat(.):
+    it differs by the teacher's entropy, a constant for the student, so the gradient is the same. With N empty it is
+    the plain KD, KL(p_t || q|old classes), divided by |C_old|.
     """
     old = [int(c) for c in old_classes]
     if teacher_logits.shape[1] != len(old):
@@ -62,7 +65,7 @@ def unbiased_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, old_
     new_to_teacher = [c for c in new_classes if c not in set(old)]
     log_q = _merge_background(F.log_softmax(student_logits.float(), dim=1), new_to_teacher, background)[:, old]
     log_p = F.log_softmax(teacher_logits.float(), dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+    return (log_p.exp() * (log_p - log_q)).sum(1).mean() / len(old)
 
 
 def init_new_from_background(network: torch.nn.Module, n_old: int, background: int = 0) -> None:
@@ -80,7 +83,8 @@ def init_new_from_background(network: torch.nn.Module, n_old: int, background: i
 
 class MiB(DistillationMethod):
     name = "mib"
-    #: lambda: weight of the unbiased KD term, 10 as in Cermelli et al. 2020 (Sec. 5, implementation details).
+    #: lambda: weight of the unbiased KD term (itself divided by the number of old classes, as in the authors' code),
+    #: 10 as in Cermelli et al. 2020 (Sec. 5, implementation details).
     #: init_new: "background" initialises new classes' output channels from the background channel (Cermelli et al.
     #: 2020, Sec. 3.4): w_c = w_b, b_c = b_b - log(|N| + 1), and b_b gets the same shift, so at the start of the
     #: stage the new classes share the old background probability equally and the model's old predictions are

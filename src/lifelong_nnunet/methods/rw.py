@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .base import Stage, TrainerView
-from .importance import Quadratic, QuadraticMethod, Tensors, snapshot, to_cpu, trainable_parameters
+from .importance import Quadratic, QuadraticMethod, Tensors, grown, snapshot, to_cpu, trainable_parameters
 from .params import integer, number
 
 
@@ -52,9 +52,10 @@ class RWalk(QuadraticMethod):
             return
         named = trainable_parameters(network)
         old_f, old_p = self.fisher or {}, self.path or {}
-        self.fisher = {n: (old_f[n].to(p.device, torch.float32) if n in old_f else
+        # a grown segmentation head (class scenario): its new channels start with zero Fisher and path integral
+        self.fisher = {n: (grown(old_f[n], p).to(p.device, torch.float32) if n in old_f else
                            torch.zeros_like(p, dtype=torch.float32)) for n, p in named}
-        self.path = {n: (old_p[n].to(p.device, torch.float32) if n in old_p else
+        self.path = {n: (grown(old_p[n], p).to(p.device, torch.float32) if n in old_p else
                          torch.zeros_like(p, dtype=torch.float32)) for n, p in named}
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
@@ -117,7 +118,7 @@ class RWalk(QuadraticMethod):
         if self.score is None:
             self.score = s_task
         else:
-            self.score = {n: 0.5 * (self.score[n].to(t.device) + t) if n in self.score else t
+            self.score = {n: 0.5 * (grown(self.score[n], t).to(t.device) + t) if n in self.score else t
                           for n, t in s_task.items()}
         f_top = _max(self.fisher)
         f_norm = {n: (f / f_top if f_top > 0 else f.clone()) for n, f in self.fisher.items()}

@@ -145,11 +145,12 @@ class ContinualTrainer(nnUNetTrainer):
         set_deep_supervision(self.network, enabled)  # also reaches decoders inside multi-head wrappers
 
     def training_batches(self, n: int):
-        """``n`` augmented training batches of this stage's sources (for importance estimates after training)."""
+        """``n`` augmented training batches of this stage's sources (for importance estimates after training),
+        targets mapped like in training (class scenario: global IDs, the channels the loss compares with)."""
         if self.dataloader_train is None or not hasattr(self.dataloader_train, "data_loader"):
             self.dataloader_train, self.dataloader_val = self.get_dataloaders()
         for _ in range(n):
-            yield next(self.dataloader_train)
+            yield self.map_targets(next(self.dataloader_train))
 
     def map_targets(self, batch: dict) -> dict:
         return map_targets(batch, self.target_luts)
