@@ -174,6 +174,55 @@ def test_a_new_decoder_has_its_own_parameters_and_the_method_rejects_the_domain_
     assert method.scenarios == ("class",)
 
 
+def _deep_supervision_batches(net, n: int = 2, seed: int = 0) -> list[dict]:
+    """Fixed patches with nnU-Net's deep-supervision targets (one per resolution), labelled 0..2 at random."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        t = torch.randint(0, 3, (2, 1, 16, 16, 16), generator=g).float()
+        out.append({"data": torch.randn(2, 1, 16, 16, 16, generator=g) + t,
+                    "target": [t, t[..., ::2, ::2, ::2], t[..., ::4, ::4, ::4]]})
+    return out
+
+
+def test_stage_two_trains_only_its_new_decoder_then_fits_its_temperature(space, tmp_path):
+    """The mechanism without a training run: in stage 2 the encoder and decoder 1 are frozen (an optimiser step
+    leaves them bitwise unchanged) while the new decoder learns; after the stage its temperature is the one fitted
+    on the validation patches (an overconfident decoder gets T > 1), not the initial 1."""
+    from lifelong_nnunet.methods.compression import validation_logits
+    from lifelong_nnunet.networks.merge import fit_temperature
+    method = create_method("frozen_encoder_decoders", {"compress": False, "val_batches": 2}, labels=space)
+    net = method.adapt_network(_unet(3), ["Dataset001_A", "Dataset002_B"])
+    batches = _deep_supervision_batches(net)
+    stage = Stage(2, ("Dataset002_B",), "previous")
+    trainer = FakeTrainer(net, stage=stage, tasks_before=["Dataset001_A"], stage_dir=tmp_path, batches=batches,
+                          patch_size=(16, 16, 16))
+    method.before_stage(trainer, stage)
+    frozen = [*net.encoder.parameters(), *net.decoder("Dataset001_A").parameters()]
+    new = list(net.decoder("Dataset002_B").parameters())
+    assert not any(p.requires_grad for p in frozen) and all(p.requires_grad for p in new)
+    before = [p.clone() for p in frozen]
+    new_before = [p.clone() for p in new]
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    for b in batches:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(b["data"])[0], b["target"][0][:, 0].long()).backward()
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(frozen, before))
+    assert any(not torch.equal(p, q) for p, q in zip(new, new_before))
+
+    with torch.no_grad():  # make the new decoder overconfident: its logits x 20
+        for conv in net.decoder("Dataset002_B").decoder.seg_layers:
+            conv.weight.mul_(20)
+            conv.bias.mul_(20)
+    decoder = net.decoder("Dataset002_B")
+    expected = fit_temperature(*validation_logits(net.encoder, decoder.decoder, batches, torch.device("cpu")))
+    method.after_stage(trainer, stage)
+    assert expected > 1.5 and float(decoder.temperature) == pytest.approx(expected, rel=1e-6)
+    assert method.records["Dataset002_B"]["temperature"] == pytest.approx(expected, rel=1e-6)
+    assert not any(p.requires_grad for p in decoder.parameters())  # a finished decoder is frozen too
+
+
 # ---- decoder compression --------------------------------------------------------------------------------------
 def _teacher_and_batches(n: int = 4, seed: int = 0):
     """A tiny nnU-Net's encoder and decoder (the teacher) and fixed patches labelled with the teacher's own argmax,

@@ -128,6 +128,21 @@ def test_continual_metrics_hand_computed():
     json.dumps(m, allow_nan=False)
 
 
+def test_a_task_that_improves_later_has_negative_forgetting():
+    """The max runs over the stages before the last: task 1 peaks at the final stage (backward transfer), so its
+    forgetting is negative, 0.5 - 0.9. A max that included the final stage would say 0 and hide the gain."""
+    R = np.array([[0.1, 0.1, 0.1],
+                  [0.5, 0.2, 0.1],
+                  [0.4, 0.7, 0.2],
+                  [0.9, 0.6, 0.8]])
+    m = continual_metrics(R)
+    assert m["forgetting"] == pytest.approx([0.5 - 0.9, 0.7 - 0.6])
+    assert m["mean_forgetting"] == pytest.approx((-0.4 + 0.1) / 2)
+    assert m["bwt"] == pytest.approx(((0.9 - 0.5) + (0.6 - 0.7)) / 2)
+    hd = continual_metrics(-R, higher_is_better=False)  # oriented: the same numbers for a lower-is-better metric
+    assert hd["forgetting"] == pytest.approx(m["forgetting"]) and hd["bwt"] == pytest.approx(m["bwt"])
+
+
 def test_single_task_has_no_transfer_or_forgetting():
     m = continual_metrics(np.array([[0.2], [0.8]]))
     assert m["final_average"] == pytest.approx(0.8) and m["plasticity"] == pytest.approx(0.8)

@@ -23,6 +23,8 @@ from lifelong_nnunet.methods.mib import unbiased_cross_entropy, unbiased_kd
 from lifelong_nnunet.methods.plop import (
     local_pod_embedding,
     local_pod_loss,
+    median_entropy_thresholds,
+    normalized_entropy,
     pseudo_labels,
 )
 from lifelong_nnunet.nnunet.network import deep_supervision_weights
@@ -373,6 +375,25 @@ def test_plop_class_mode_adds_pseudo_label_correction(setup):
     pseudo, given = calls
     changed = pseudo[0] != given[0]
     assert changed.any() and (given[0][changed] == 0).all() and (pseudo[0][changed] == 1).all()
+    # only the confident half of them: the voxels the teacher calls class 1 above that class's median entropy keep
+    # their background label (a threshold of 1 would accept every one of them)
+    with torch.no_grad():
+        teacher_logits = method.teacher(data)[0]
+    candidates = (teacher_logits.argmax(1, keepdim=True) == 1) & (given[0] == 0)
+    assert 0 < int(changed.sum()) < int(candidates.sum())
+
+
+def test_plop_thresholds_are_each_classes_median_teacher_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(2, 3, 5, 5, generator=g)
+    logits[:, 2] -= 100  # the teacher never predicts class 2
+    pred, ent = logits.argmax(1), normalized_entropy(logits)
+    got = median_entropy_thresholds(logits)
+    for c in (0, 1):  # by hand: the lower middle value, as torch.median takes it
+        values = sorted(ent[pred == c].tolist())
+        assert got[c].item() == pytest.approx(values[(len(values) - 1) // 2], abs=1e-7)
+        assert 0 < got[c].item() < 1
+    assert got[2].item() == 1.0  # no voxel of class 2: no pseudo-label can come from it anyway
 
 
 def test_plop_encoder_only_teacher_pass_equals_full_teacher_pass(setup):

@@ -280,6 +280,26 @@ def _hand_step(method, trainer, grads, moves):
     method.after_step(trainer)
 
 
+def test_rw_path_integral_rewards_descent_and_penalises_ascent():
+    """Chaudhry et al.'s score accumulates the loss decrease a parameter caused, -g * dtheta / (F dtheta^2 / 2 + eps):
+    a step down the gradient adds a positive amount, a step up it a negative one, exactly that value."""
+    method = create_method("rw", {"update_interval": 1, "alpha": 1.0})  # F = g^2 of this very step
+    trainer = trainer_for(tiny_net(), [])
+    method.before_stage(trainer, trainer.stage_state.stage)
+    named = list(trainer.network.named_parameters())
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(p.shape, generator=gen) for _, p in named]
+    start = [p.detach().clone() for _, p in named]
+    _hand_step(method, trainer, grads, [-0.01 * g for g in grads])  # descent
+    for (n, p), g, p0 in zip(named, grads, start):
+        d = p.detach() - p0  # the step as float32 made it (near eps the score is sensitive to its last bits)
+        torch.testing.assert_close(method.path[n], -g * d / (0.5 * g * g * d * d + 1e-8), rtol=1e-4, atol=1e-6)
+        assert bool((method.path[n][g != 0] > 0).all()), n
+    before = {n: t.clone() for n, t in method.path.items()}
+    _hand_step(method, trainer, grads, [0.01 * g for g in grads])  # ascent: the same amount taken back
+    assert all(bool((method.path[n] < before[n])[g != 0].all()) for (n, _), g in zip(named, grads))
+
+
 def test_rw_online_fisher_follows_the_moving_average():
     method = create_method("rw", {"alpha": 0.7, "update_interval": 1})
     trainer = trainer_for(tiny_net(), [])

@@ -1,19 +1,20 @@
-"""Every installed method: a run interrupted in the middle of its last stage and resumed ends with exactly the
-weights of an uninterrupted run (so the method's state, e.g. importances, teachers or the replay buffer, is
-saved and restored); `run` on the first task followed by `extend` with the second gives exactly the stage models and
-results of the uninterrupted two-task run; and no method except those that declare it writes image data into the run
-folder."""
+"""Every installed method: `run` on the first task, then `extend` with the second, interrupted in the middle of the
+new stage and resumed, ends with exactly the stage models and results of the uninterrupted two-task run. So the
+method's state (importances, teachers, the replay buffer, RW's running sums) is saved with each stage and restored
+both by `extend` and by the resume inside a stage, and nothing of the first task but a declared replay buffer is
+left in the run folder or the extension's cache. `joint`, which cannot grow stage by stage, resumes an interrupted
+`run` instead. ewc, mas and rw run the class scenario here (their importances must grow with the head), every other
+method that has the domain scenario runs it.
+"""
 from __future__ import annotations
-
-from pathlib import Path
-
-import pytest
-import torch
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
+import pytest
+import torch
 
 from lifelong_nnunet.experiment import experiment_from_dict
 from lifelong_nnunet.lifelong import extend_run
@@ -32,6 +33,9 @@ BUDGET = {"epochs": 2, "iterations_per_epoch": 3, "val_iterations": 1}
 # 10 steps falls after the cut), and resuming with a wrong step count shifts its updates.
 METHOD_PARAMS = {"ewc": {"fisher_batches": 2}, "mas": {"importance_batches": 2}, "rw": {"update_interval": 2},
                  "frozen_encoder_decoders": {"val_batches": 2, "widths": [0.25], "convs": [1]}}
+CLASS_SCENARIO = ("ewc", "mas", "rw")  # plus the class-only methods
+# joint trains every task in one stage, so it cannot grow stage by stage (test_extend.py checks the refusal)
+EXTENDABLE = [m for m in METHODS if m != "joint"]
 
 
 class Interrupt(Exception):
@@ -46,65 +50,6 @@ def tasks(synthetic_tasks) -> list[Path]:
 @pytest.fixture(scope="module")
 def cache(planning_cache) -> Path:
     return planning_cache
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tasks, cache, tmp_path_factory):
-    """The uninterrupted two-task run of a method, made once and shared by the resume and the extend test."""
-    runs: dict[str, Path] = {}
-
-    def get(method: str, sequence: list[Path] | None = None) -> Path:
-        sequence = sequence or tasks
-        key = method + "|" + "|".join(map(str, sequence))
-        if key not in runs:
-            runs[key] = tmp_path_factory.mktemp(f"uninterrupted-{method}") / "run"
-            run_experiment(spec(method, sequence, cache), runs[key], quiet=True)
-        return runs[key]
-    return get
-
-
-def spec(method, tasks, cache):
-    # class-only methods run the same two sites as a class sequence (task 2 re-annotates task 1's structures)
-    scenario = "domain" if "domain" in create_method(method).scenarios else "class"
-    return experiment_from_dict({"tasks": [str(t) for t in tasks], "method": method,
-                                 "method_params": METHOD_PARAMS.get(method, {}),
-                                 "training": BUDGET, "cache_dir": str(cache), "device": "cpu", "scenario": scenario})
-
-
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    last = load_schedule(run)[-1].index
-    return torch.load(run / "stages" / f"stage_{last}" / "model.pt", map_location="cpu",
-                      weights_only=True)["network_weights"]
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_interrupted_run_resumes_to_identical_weights(method, tasks, cache, uninterrupted, tmp_path, monkeypatch):
-    reference = uninterrupted(method)
-
-    last_stage = create_method(method).schedule([t.name for t in tasks])[-1].index
-    original = ContinualTrainer.on_epoch_end
-
-    def interrupt_after_first_epoch_of_last_stage(self):
-        original(self)  # the epoch's checkpoint is written first
-        if self.stage.index == last_stage and self.current_epoch == 1:
-            raise Interrupt
-
-    resumed = tmp_path / "interrupted"
-    monkeypatch.setattr(ContinualTrainer, "on_epoch_end", interrupt_after_first_epoch_of_last_stage)
-    with pytest.raises(Interrupt):
-        run_experiment(spec(method, tasks, cache), resumed, quiet=True)
-    monkeypatch.setattr(ContinualTrainer, "on_epoch_end", original)
-    assert not (resumed / "results.csv").exists()
-    run_experiment(spec(method, tasks, cache), resumed, quiet=True)
-    assert "resuming from epoch 1" in (resumed / "run.log").read_text()
-
-    a, b = final_weights(reference), final_weights(resumed)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), "resume changed the result"
-
-    if not create_method(method).keeps_old_data:
-        images = [p for p in resumed.rglob("*") if p.name.endswith(IMAGE_SUFFIXES)]
-        assert not images, f"{method} wrote image data into its run folder: {images[:3]}"
 
 
 @pytest.fixture(scope="module")
@@ -123,25 +68,67 @@ def extend_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("extend_cache")
 
 
-# joint trains every task in one stage, so it cannot grow stage by stage (test_extend.py checks the refusal)
-EXTENDABLE = [m for m in METHODS if m != "joint"]
+def scenario_of(method: str) -> str:
+    scenarios = create_method(method).scenarios
+    return "class" if method in CLASS_SCENARIO or "domain" not in scenarios else "domain"
+
+
+def spec(method, tasks, cache):
+    return experiment_from_dict({"tasks": [str(t) for t in tasks], "method": method,
+                                 "method_params": METHOD_PARAMS.get(method, {}), "training": BUDGET,
+                                 "cache_dir": str(cache), "device": "cpu", "scenario": scenario_of(method)})
+
+
+def stage_weights(run: Path, index: int) -> dict[str, torch.Tensor]:
+    return torch.load(run / "stages" / f"stage_{index}" / "model.pt", map_location="cpu",
+                      weights_only=True)["network_weights"]
+
+
+def assert_same_weights(a: dict, b: dict, what) -> None:  # CPU, same seed, same computation: bitwise
+    assert a.keys() == b.keys(), what
+    assert all(torch.equal(a[k], b[k]) for k in a), f"{what}: different weights"
+
+
+@pytest.fixture
+def interrupt_last_stage(monkeypatch):
+    """Make the next training of stage ``index`` raise `Interrupt` after its first epoch (whose checkpoint is
+    written first); returns a function that arms it, and one that disarms it."""
+    original = ContinualTrainer.on_epoch_end
+
+    def arm(index: int) -> None:
+        def cut(self):
+            original(self)
+            if self.stage.index == index and self.current_epoch == 1:
+                raise Interrupt
+        monkeypatch.setattr(ContinualTrainer, "on_epoch_end", cut)
+
+    def disarm() -> None:
+        monkeypatch.setattr(ContinualTrainer, "on_epoch_end", original)
+    return arm, disarm
 
 
 @pytest.mark.parametrize("method", EXTENDABLE)
-def test_run_then_extend_equals_the_uninterrupted_run(method, tasks, class_tasks, cache, extend_cache, uninterrupted,
-                                                      tmp_path):
-    sequence = class_tasks if spec(method, tasks, cache).scenario == "class" else tasks
-    batch = uninterrupted(method, sequence)
+def test_run_then_interrupted_extend_equals_the_uninterrupted_run(method, tasks, class_tasks, cache, extend_cache,
+                                                                   interrupt_last_stage, tmp_path):
+    sequence = class_tasks if scenario_of(method) == "class" else tasks
+    batch = tmp_path / "batch"
+    run_experiment(spec(method, sequence, cache), batch, quiet=True)
+    stages = [0] + [s.index for s in load_schedule(batch)]
+
     grown = tmp_path / "grown"
     run_experiment(spec(method, sequence[:1], cache), grown, quiet=True)
+    arm, disarm = interrupt_last_stage
+    arm(stages[-1])
+    with pytest.raises(Interrupt):
+        extend_run(grown, [str(sequence[1])], device="cpu", cache_dir=str(extend_cache), keep_cache=True, quiet=True)
+    disarm()
+    assert not (grown / "stages" / f"stage_{stages[-1]}" / "model.pt").exists()
     extend_run(grown, [str(sequence[1])], device="cpu", cache_dir=str(extend_cache), keep_cache=True, quiet=True)
+    assert "resuming from epoch 1" in (grown / "run.log").read_text()
 
-    stages = [0] + [s.index for s in load_schedule(batch)]
     assert [s.index for s in load_schedule(grown)] == stages[1:]
-    for i in stages:  # CPU, same seed, same computation: bitwise
-        a, b = (torch.load(r / "stages" / f"stage_{i}" / "model.pt", weights_only=True) for r in (batch, grown))
-        assert a["network_weights"].keys() == b["network_weights"].keys(), i
-        assert all(torch.equal(a["network_weights"][k], b["network_weights"][k]) for k in a["network_weights"]), i
+    for i in stages:
+        assert_same_weights(stage_weights(batch, i), stage_weights(grown, i), f"stage {i}")
     pd.testing.assert_frame_equal(pd.read_csv(batch / "results.csv"), pd.read_csv(grown / "results.csv"))
     history = json.loads((grown / "history.json").read_text())
     assert [h["origin"] for h in history] == ["run", "extend"][: len(history)]
@@ -154,3 +141,21 @@ def test_run_then_extend_equals_the_uninterrupted_run(method, tasks, class_tasks
     else:
         assert not arrays, f"{method} left image data in its run folder: {arrays[:3]}"
     assert not [p for p in extend_cache.rglob("*") if first in str(p)], "the extension's cache holds the first task"
+
+
+def test_interrupted_joint_run_resumes_to_identical_weights(tasks, cache, interrupt_last_stage, tmp_path):
+    reference, resumed = tmp_path / "reference", tmp_path / "interrupted"
+    run_experiment(spec("joint", tasks, cache), reference, quiet=True)
+    last = load_schedule(reference)[-1].index
+    arm, disarm = interrupt_last_stage
+    arm(last)
+    with pytest.raises(Interrupt):
+        run_experiment(spec("joint", tasks, cache), resumed, quiet=True)
+    disarm()
+    assert not (resumed / "results.csv").exists()
+    run_experiment(spec("joint", tasks, cache), resumed, quiet=True)
+    assert "resuming from epoch 1" in (resumed / "run.log").read_text()
+    assert_same_weights(stage_weights(reference, last), stage_weights(resumed, last), "joint")
+    if not create_method("joint").keeps_old_data:
+        images = [p for p in resumed.rglob("*") if p.name.endswith(IMAGE_SUFFIXES)]
+        assert not images, f"joint wrote image data into its run folder: {images[:3]}"
