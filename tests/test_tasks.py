@@ -86,12 +86,18 @@ def test_dataset_json_missing_keys(raw_sites):
     djson = json.loads(path.read_text())
     del djson["file_ending"]
     path.write_text(json.dumps(djson))
-    assert "file_ending" in _raises_naming(path, load_task, raw_sites[0])
+    assert '"file_ending": ".nii.gz"' in _raises_naming(path, load_task, raw_sites[0])  # the value to add
 
 
 def test_region_labels_are_rejected(raw_sites):
     path = _edit_json(raw_sites[0], labels={"background": 0, "whole": [1, 2]})
-    _raises_naming(path, load_task, raw_sites[0])
+    assert "region-based" in _raises_naming(path, load_task, raw_sites[0])
+
+
+def test_string_label_values_are_named_as_strings(raw_sites):
+    path = _edit_json(raw_sites[0], labels={"background": 0, "structure_a": "1"})
+    message = _raises_naming(path, load_task, raw_sites[0])
+    assert "'structure_a' maps to \"1\"" in message and "region" not in message
 
 
 def test_background_must_be_zero(raw_sites):
@@ -159,6 +165,7 @@ def test_image_label_spacing_mismatch(raw_sites):
     task = load_task(raw_sites[0])
     message = _raises_naming(label, check_case, task, task.cases[case_id])
     assert str(image) in message and "spacing" in message
+    assert "(1.0, 1.0, 1.0) vs (2.0, 1.0, 1.0)" in message and "np.float64" not in message
 
 
 def test_non_integer_label_values(raw_sites):
@@ -353,3 +360,14 @@ def test_resolve_task_folder_errors(raw_sites):
     shutil.copytree(raw_sites[0], root / "Dataset901_Other")  # an ambiguous ID is not guessed
     with pytest.raises(UserInputError):
         resolve_task_folder("901", root)
+
+
+@pytest.mark.parametrize("channels, needed, fragment", [(1, 2, "Add the missing channels"),
+                                                        (2, 1, "Remove the extra ones")])
+def test_predict_inputs_with_the_wrong_number_of_channels(tmp_path, channels, needed, fragment):
+    from lifelong_nnunet.deploy import find_inputs
+    for c in range(channels):
+        (tmp_path / f"case1_{c:04d}.nii.gz").write_bytes(b"")
+    with pytest.raises(UserInputError) as err:
+        find_inputs(tmp_path, needed, ".nii.gz")
+    assert fragment in str(err.value) and "case1" in str(err.value)

@@ -98,9 +98,14 @@ def find_inputs(folder: Path, n_channels: int, file_ending: str) -> dict[str, li
             raise UserInputError(f"{p} does not follow nnU-Net naming (CASE_XXXX{file_ending}), which this "
                                  f"{n_channels}-channel model needs. Rename the channel files.")
     for case, paths in cases.items():
-        if len(paths) != n_channels:
+        if len(paths) < n_channels:
             raise UserInputError(f"Case '{case}' in {folder} has {len(paths)} channel file(s) but the model needs "
                                  f"{n_channels}. Add the missing channels named {case}_XXXX{file_ending}.")
+        if len(paths) > n_channels:
+            raise UserInputError(f"Case '{case}' in {folder} has {len(paths)} channel files but the model takes "
+                                 f"{n_channels} ({case}_0000{file_ending} to {case}_{n_channels - 1:04d}"
+                                 f"{file_ending}). Remove the extra ones, or use a model trained on "
+                                 f"{len(paths)} channels.")
     return cases
 
 

@@ -1,4 +1,9 @@
-"""Atomic writes: a results file is either the old version or the complete new one, never half-written."""
+"""Atomic writes: a results file is either the old version or the complete new one, never half-written.
+
+The temporary files and folders that become results are created private (mode 0600 / 0700, as `tempfile` does);
+before the rename they get the permissions any other tool would give them under the user's umask, so colleagues
+can read predictions and reports wherever they could read the user's other files.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +13,17 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it: there is no call that only reads it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str | os.PathLike, directory: bool = False) -> None:
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None], suffix: str = ".tmp") -> Path:
@@ -21,6 +37,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None], suffix:
     os.close(fd)
     try:
         writer(tmp)
+        _publish(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -64,6 +81,7 @@ def atomic_directory(folder: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         yield tmp
+        _publish(tmp, directory=True)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

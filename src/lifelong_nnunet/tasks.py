@@ -125,6 +125,20 @@ def resolve_task_folder(spec: str | int | Path, raw_root: Path | None = None) ->
         f"(or nnUNet_raw) and give the dataset name or ID.")
 
 
+def _rounded(values) -> tuple[float, ...]:
+    """Geometry values for a message: plain floats to 4 decimals (numpy scalars would print as np.float64(2.0))."""
+    return tuple(round(float(v), 4) for v in values)
+
+
+def _guess_file_ending(images_dir: Path) -> str:
+    """The extension of the first image in ``images_dir`` (for the hint of a missing 'file_ending')."""
+    for p in sorted(images_dir.iterdir()) if images_dir.is_dir() else []:
+        for ending in (".nii.gz", ".nii", ".nrrd", ".mha", ".tif", ".png"):
+            if p.name.endswith(ending):
+                return ending
+    return ".nii.gz"
+
+
 def load_task(folder: Path) -> Task:
     """Read dataset.json and pair every label file with its channel images. Raises UserInputError on any gap."""
     folder = Path(folder)
@@ -144,12 +158,23 @@ def load_task(folder: Path) -> Task:
         raise UserInputError(f"{djson_path} is not valid JSON ({e}). Fix the file.") from None
     missing = [k for k in ("channel_names", "labels", "file_ending") if k not in djson]
     if missing:
-        raise UserInputError(f"{djson_path} lacks the key(s) {', '.join(missing)}. Add them as nnU-Net v2 expects.")
+        hints = {"channel_names": '"channel_names": {"0": "CT"} (one entry per input channel; "CT" or any MR name)',
+                 "labels": '"labels": {"background": 0, "liver": 1} (every structure and its label value)',
+                 "file_ending": f'"file_ending": "{_guess_file_ending(folder / "imagesTr")}" (the images\' '
+                                f'extension)'}
+        raise UserInputError(f"{djson_path} lacks the key(s) {', '.join(missing)}, which nnU-Net v2 needs. Add "
+                             + "; ".join(hints[k] for k in missing) + ".")
     labels = djson["labels"]
-    if any(not isinstance(v, int) for v in labels.values()):
-        raise UserInputError(
-            f"{djson_path}: every entry of 'labels' must be a single integer; region-based labels (lists) are not "
-            f"supported by continual training. Use plain integer labels.")
+    wrong = {k: v for k, v in labels.items() if not isinstance(v, int) or isinstance(v, bool)}
+    if wrong:
+        name, value = next(iter(wrong.items()))
+        if isinstance(value, (list, tuple)):
+            why = ("region-based labels (lists of values) are not supported by continual training. Use one "
+                   "integer per structure")
+        else:
+            why = (f"'{name}' maps to {json.dumps(value)}. Write the label value as a number, e.g. "
+                   f"\"{name}\": 1, not a string")
+        raise UserInputError(f"{djson_path}: every entry of 'labels' must be a single integer; {why}.")
     if labels.get("background") != 0:
         raise UserInputError(f"{djson_path}: 'labels' must map 'background' to 0. Add \"background\": 0.")
     ending = djson["file_ending"]
@@ -247,8 +272,8 @@ def check_case(task: Task, case: Case) -> None:
                            ("direction", direction, ref_dir)):
             if not np.allclose(a, b, atol=GEOMETRY_TOLERANCE, rtol=GEOMETRY_TOLERANCE):
                 raise UserInputError(
-                    f"{path} and its label {ref_path} disagree in {what} ({tuple(np.round(a, 4))} vs "
-                    f"{tuple(np.round(b, 4))}). Image and label must share geometry; copy the image's header onto "
+                    f"{path} and its label {ref_path} disagree in {what} ({_rounded(a)} vs "
+                    f"{_rounded(b)}). Image and label must share geometry; copy the image's header onto "
                     f"the label (e.g. SimpleITK CopyInformation) after checking they really align.")
     for path in case.images:
         _check_image_voxels(path, read_voxels(path))
