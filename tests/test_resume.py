@@ -53,3 +53,32 @@ def test_kill_mid_stage_then_resume(synthetic_tasks, planning_cache, tmp_path):
     third = start(spec, out)
     output, _ = third.communicate(timeout=300)
     assert third.returncode == 0 and "already complete" in output
+
+
+def test_data_rebuilt_in_place_is_refused_before_anything_is_written(raw_sites, planning_cache, tmp_path):
+    """A user rebuilt a task's files in place and repeated the command: the run must not resume on other data
+    (nor re-plan and overwrite its plans); one paragraph names the task, and the folder is left as it was."""
+    import hashlib
+
+    import nibabel as nib
+    import numpy as np
+
+    from lifelong_nnunet.errors import UserInputError
+    from lifelong_nnunet.experiment import experiment_from_dict
+    from lifelong_nnunet.runner import run_experiment
+
+    def spec():
+        return experiment_from_dict({"tasks": [str(raw_sites[0])], "method": "sequential", "device": "cpu",
+                                     "configuration": "2d", "cache_dir": str(tmp_path / "cache"),
+                                     "training": {"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1,
+                                                  "batch_size": 2}})
+
+    out = tmp_path / "run"
+    run_experiment(spec(), out, quiet=True)
+    image = sorted((raw_sites[0] / "imagesTr").iterdir())[0]
+    img = nib.load(image)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32) * 1.5, img.affine), image)  # same shape
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserInputError, match=rf"files of {raw_sites[0].name} .* changed since the run"):
+        run_experiment(spec(), out, quiet=True)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()} == before

@@ -19,8 +19,8 @@ from .evaluation.summary import write_summary_and_report
 from .labels import LabelSpace
 from .methods import Method, Stage, create_method
 from .run_folder import RunFolder
-from .tasks import (Task, check_case, check_sequence, load_task, make_test_split, resolve_task_folder,
-                    task_record)
+from .tasks import (Task, check_case, check_sequence, content_fingerprint, load_task, make_test_split,
+                    resolve_task_folder, task_record)
 
 
 def default_cache_dir() -> Path:
@@ -75,6 +75,7 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = Fa
     run = RunFolder(Path(run_dir).resolve())
     log = RunLog(None, quiet)
     tasks, labels = prepare(exp, run.root, log)
+    check_data_unchanged(run, tasks)
     method = method_for(exp, labels)
     stages = method.schedule([t.name for t in tasks])
     if is_complete(run, stages, tasks):
@@ -98,6 +99,22 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = Fa
     run.write_plans(plans)
     run.write_dataset_json(model_dataset_json(workspace.dataset_json(workspace.plan_task), labels))
     return advance(exp, run, workspace, tasks, method, stages, labels, log, origin="run")
+
+
+def check_data_unchanged(run: RunFolder, tasks: list[Task]) -> None:
+    """Refuse to resume a run whose trained tasks' files changed since their stage (rebuilt in place, say): the
+    stages already trained learned other data, and a resumed run would mix the two. Compares the content
+    fingerprint each stage recorded in history.json (names and bytes of every case file) before anything is
+    written; a moved copy of the same files passes (`relocate_tasks`)."""
+    recorded = {d["name"]: d["fingerprint"] for h in run.read_history() for d in h.get("datasets", [])
+                if not str(d.get("fingerprint", "")).startswith("checkpoint")}  # imported stock models
+    for t in tasks:
+        if t.name in recorded and content_fingerprint(t) != recorded[t.name]:
+            raise UserInputError(
+                f"The files of {t.name} in {t.folder} changed since the run in {run.root} trained on them (their "
+                f"content fingerprint is not the one recorded in {run.history}). Its stages learned the old data, so "
+                f"the run cannot resume on the new. Use a new output folder for the changed data, or restore the "
+                f"original files.")
 
 
 def method_for(exp: Experiment, labels: LabelSpace) -> Method:

@@ -5,6 +5,7 @@ here, up front, so a bad dataset stops the run before anything is written (exit 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -396,3 +397,17 @@ class LabelRegistry:
 
     def to_dict(self) -> dict:
         return {"ids": self.ids, "introduced_by": self.introduced_by}
+
+
+def content_fingerprint(task: Task) -> str:
+    """SHA-256 over every case file's name and bytes (training and test), in case order: the same data give the
+    same fingerprint wherever they are copied, changed data another one."""
+    digest = hashlib.sha256()
+    for cid in sorted(task.cases):
+        case = task.cases[cid]
+        for f in (*case.images, case.label):
+            digest.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]

@@ -6,7 +6,6 @@ point resumes from nnU-Net's per-epoch checkpoint, and a stage whose ``model.pt`
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -20,7 +19,7 @@ from ..io_utils import atomic_write
 from ..methods import Stage, StageState
 from ..run_folder import NNUNET_FINAL_CHECKPOINT, load_model, save_model
 from ..runner import known_labels_json
-from ..tasks import Task
+from ..tasks import Task, content_fingerprint
 from ..seeding import seed_everything
 from .context import RunContext
 from .sources import StageSources
@@ -183,20 +182,6 @@ def dataset_summary(task: Task) -> dict:
     """What a stage saw of a dataset, for the history: name, case counts and a fingerprint of its files."""
     return {"name": task.name, "n_cases": len(task.cases), "n_train": len(task.train_cases),
             "n_test": len(task.test_cases), "fingerprint": content_fingerprint(task)}
-
-
-def content_fingerprint(task: Task) -> str:
-    """SHA-256 over every case file's name and bytes (training and test), in case order: the same data give the
-    same fingerprint wherever they are copied, changed data another one."""
-    digest = hashlib.sha256()
-    for cid in sorted(task.cases):
-        case = task.cases[cid]
-        for f in (*case.images, case.label):
-            digest.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def versions() -> dict[str, str]:
