@@ -220,3 +220,23 @@ def test_no_module_but_run_folder_spells_a_run_folder_file_name():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and pattern.fullmatch(node.value):
                 offenders.append(f"{path.relative_to(SRC)}:{node.lineno}: {node.value!r}")
     assert offenders == []
+
+
+# ---- references of a report ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda ref: ref.splits.write_text(json.dumps({"Dataset903_Other": ["a"], "Dataset904_Other": ["b"]})),
+     "learned Dataset903_Other"),
+    (lambda ref: ref.spec.write_text(json.dumps({**json.loads(ref.spec.read_text()), "scenario": "class"})),
+     "class-scenario run"),
+    (lambda ref: ref.splits.write_text(json.dumps({k: v[:1] for k, v in ref.read_splits().items()})),
+     "on other cases"),
+])
+def test_a_reference_on_other_tasks_scenario_or_test_cases_is_refused(old_run, tmp_path, edit, fragment):
+    from lifelong_nnunet.evaluation.summary import write_summary_and_report
+    ref = RunFolder(Path(shutil.copytree(FIXTURE, tmp_path / "reference")))
+    assert write_summary_and_report(old_run.root, {"joint": ref.root})["reference_gaps"]  # the same run: accepted
+    written = {p: p.read_bytes() for p in (old_run.report, old_run.summary)}
+    edit(ref)
+    with pytest.raises(UserInputError, match=fragment):
+        write_summary_and_report(old_run.root, {"joint": ref.root})
+    assert {p: p.read_bytes() for p in written} == written  # refused before anything is rewritten

@@ -108,6 +108,26 @@ def _metric_summary(results: pd.DataFrame, tasks: list[str], metric: str, schedu
             "n_undefined": int(undefined.sum()), "undefined": undefined.tolist()}
 
 
+def check_reference(run: RunFolder, ref: RunFolder, role: str) -> None:
+    """A reference (`separate`, `joint`) is only a reference when it learned the same tasks in the same scenario and
+    was scored on the same test cases; anything else would give a gap that means nothing. A UserInputError says
+    which of the three differs."""
+    ref.require_finished()
+    mine, theirs = run.read_splits(), ref.read_splits()
+    fix = f"Give as --{role} a finished run on the same task folders (same test split: the same seed and split)."
+    if sorted(mine) != sorted(theirs):
+        raise UserInputError(f"The {role} reference {ref.root} learned {', '.join(theirs)}, but the run {run.root} "
+                             f"learned {', '.join(mine)}. {fix}")
+    scenarios = run.read_experiment().scenario, ref.read_experiment().scenario
+    if scenarios[0] != scenarios[1]:
+        raise UserInputError(f"The {role} reference {ref.root} is a {scenarios[1]}-scenario run, the run {run.root} "
+                             f"a {scenarios[0]}-scenario one. {fix}")
+    for task, cases in mine.items():
+        if sorted(cases) != sorted(theirs[task]):
+            raise UserInputError(f"The {role} reference {ref.root} tested {task} on other cases than the run "
+                                 f"{run.root} ({ref.splits} against {run.splits}). {fix}")
+
+
 def write_summary_and_report(run_dir: Path, references: dict[str, Path] | None = None,
                              metric: str | None = None) -> dict:
     """Write summary.json, figures/*.png and report.md. ``references`` may name `separate` and `joint` runs;
@@ -115,6 +135,9 @@ def write_summary_and_report(run_dir: Path, references: dict[str, Path] | None =
     run = RunFolder(Path(run_dir))
     summary = summarize(run.root, metric)
     metric = summary["metric"]
+    for role, ref in (references or {}).items():
+        if ref:
+            check_reference(run, RunFolder(Path(ref)), role)
     refs = {k: summarize(Path(v)) for k, v in (references or {}).items() if v}
     if refs:
         for m, entry in summary["by_metric"].items():
