@@ -346,6 +346,7 @@ def test_resolve_task_folder_by_path_name_and_id(raw_sites, monkeypatch):
     assert resolve_task_folder("Dataset901_SynthSiteA", root) == expected
     assert resolve_task_folder("901", root) == expected
     assert resolve_task_folder(902, root) == raw_sites[1].resolve()
+    assert resolve_task_folder("SynthSiteB", root) == raw_sites[1].resolve()  # the name without its ID
     monkeypatch.chdir(root)
     assert resolve_task_folder("Dataset902_SynthSiteB") == raw_sites[1].resolve()  # relative to the cwd
 
@@ -358,8 +359,11 @@ def test_resolve_task_folder_errors(raw_sites):
         resolve_task_folder("999", root)
     assert str(root) in str(info.value)
     shutil.copytree(raw_sites[0], root / "Dataset901_Other")  # an ambiguous ID is not guessed
-    with pytest.raises(UserInputError):
+    with pytest.raises(UserInputError, match="Dataset901_Other, Dataset901_SynthSiteA"):
         resolve_task_folder("901", root)
+    shutil.copytree(raw_sites[0], root / "Dataset905_SynthSiteA")  # nor an ambiguous name
+    with pytest.raises(UserInputError, match="matches 2 datasets"):
+        resolve_task_folder("SynthSiteA", root)
 
 
 @pytest.mark.parametrize("channels, needed, fragment", [(1, 2, "Add the missing channels"),

@@ -107,7 +107,9 @@ def task_from_record(record: dict) -> Task:
 
 
 def resolve_task_folder(spec: str | int | Path, raw_root: Path | None = None) -> Path:
-    """Accept a folder path, a dataset name (``Dataset011_SiteA``) or an ID (``11``) looked up under ``raw_root``."""
+    """Accept a folder path, a dataset name (``Dataset011_SiteA``), its name without the ID (``SiteA``) or an ID
+    (``11``) looked up under ``raw_root``, as nnU-Net's own commands do. Two datasets of one name or ID: an error
+    listing both, never a guess."""
     candidate = Path(str(spec)).expanduser()
     if candidate.is_dir():
         return candidate.resolve()
@@ -115,10 +117,16 @@ def resolve_task_folder(spec: str | int | Path, raw_root: Path | None = None) ->
         raw_root = Path(raw_root)
         if (raw_root / str(spec)).is_dir():
             return (raw_root / str(spec)).resolve()
-        if str(spec).isdigit() and raw_root.is_dir():
+        hits = []
+        if raw_root.is_dir() and str(spec).isdigit():
             hits = sorted(raw_root.glob(dataset_glob(int(spec))))
-            if len(hits) == 1:
-                return hits[0].resolve()
+        elif raw_root.is_dir() and "/" not in str(spec):
+            hits = sorted(p for p in raw_root.glob(f"Dataset[0-9][0-9][0-9]_{spec}") if p.is_dir())
+        if len(hits) == 1:
+            return hits[0].resolve()
+        if len(hits) > 1:
+            raise UserInputError(f"Task '{spec}' matches {len(hits)} datasets under {raw_root}: "
+                                 f"{', '.join(h.name for h in hits)}. Give the full dataset name.")
     where = f" or under the raw folder {raw_root}" if raw_root else ""
     raise UserInputError(
         f"Task '{spec}' was not found: no such folder{where}. Give the path of an nnU-Net raw dataset folder "
