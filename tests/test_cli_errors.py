@@ -279,3 +279,12 @@ def test_split_tasks_accepts_comma_and_space_lists():
     assert _split_tasks(None) == []
     assert _split_tasks(["A,B", "C"]) == ["A", "B", "C"]
     assert _split_tasks(["A B"]) == ["A", "B"]
+
+
+def test_run_help_shows_the_defaults_a_run_uses(cli_in_process):
+    from lifelong_nnunet.experiment import Experiment, Training
+    code, out, _ = cli_in_process("run", "--help")
+    text = " ".join(out.split())
+    assert code == 0
+    assert f"Default: {Experiment(tasks=[]).method}." in text and f"Default: {Training().epochs}." in text
+    assert f"Default: {Experiment(tasks=[]).configuration}." in text

@@ -12,6 +12,7 @@ import typer
 
 from .console import console, progress_bar
 from .errors import UserInputError
+from .experiment import Experiment, Training
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Continual (lifelong) learning for 3D medical image segmentation on nnU-Net v2.")
@@ -49,20 +50,30 @@ def _parse_params(items: list[str]) -> dict:
     return params
 
 
+def _default(name: str, of: type = Experiment) -> str:
+    """The help suffix " Default: X." of a flag that overrides a spec field: the flag itself defaults to None (not
+    given), so typer cannot show the value the run will use; this shows the spec's default instead."""
+    return f" Default: {of.__dataclass_fields__[name].default}."
+
+
 @app.command()
 def run(
     spec: Optional[Path] = typer.Argument(None, help="Experiment YAML. Flags below override its fields."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder (created; an existing run resumes)."),
     tasks: Optional[List[str]] = typer.Option(None, "--tasks", help="Ordered nnU-Net raw dataset folders, names or "
                                               "IDs. Repeat the flag or give several values."),
-    method: Optional[str] = typer.Option(None, "--method", help="Continual method (see `lifelong-nnunet methods`)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Continual method (see `lifelong-nnunet methods`)."
+                                              + _default("method")),
     param: List[str] = typer.Option([], "--param", help="Method parameter NAME=VALUE (repeatable)."),
-    scenario: Optional[str] = typer.Option(None, help="domain or class."),
-    configuration: Optional[str] = typer.Option(None, help="nnU-Net configuration: 3d_fullres or 2d."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs per stage (overrides the spec)."),
-    iterations: Optional[int] = typer.Option(None, help="Training iterations per epoch (overrides the spec)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    scenario: Optional[str] = typer.Option(None, help="domain or class." + _default("scenario")),
+    configuration: Optional[str] = typer.Option(None, help="nnU-Net configuration: 3d_fullres or 2d."
+                                                 + _default("configuration")),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per stage (overrides the spec)."
+                                          + _default("epochs", Training)),
+    iterations: Optional[int] = typer.Option(None, help="Training iterations per epoch (overrides the "
+                                              "spec)." + _default("iterations_per_epoch", Training)),
+    seed: Optional[int] = typer.Option(None, help="Random seed." + _default("seed")),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda." + _default("device")),
     raw_root: Optional[Path] = typer.Option(None, help="Folder to resolve dataset names/IDs in (else nnUNet_raw)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where planned/preprocessed data is cached."),
     start_from: Optional[Path] = typer.Option(None, "--start-from", help="A stock nnU-Net v2 model folder "
