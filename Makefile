@@ -22,7 +22,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-# the whole suite, end-to-end runs included (about 12 min on 2 CPU cores), after the linter
+# the whole suite, end-to-end runs included (about 18 min on 2 CPU cores, measured), after the linter
 test: lint
 	$(PYTEST) tests
 
