@@ -293,6 +293,15 @@ def test_the_search_keeps_the_teacher_when_no_student_comes_within_tolerance():
     assert blind.student is None and not blind.tried and "none of the task's structures" in blind.kept_teacher
 
 
+def test_a_kept_teacher_is_a_note_for_the_record_and_the_report(space):
+    method = create_method("frozen_encoder_decoders", {}, labels=space)
+    assert method.notes() == []
+    method.records = {"Dataset001_A": {"kept_teacher": None},
+                      "Dataset002_B": {"kept_teacher": "no student came within 0.01 Dice of the teacher's 0.940"}}
+    assert method.notes() == ["Dataset002_B: the full-size decoder was kept, not compressed: no student came within "
+                              "0.01 Dice of the teacher's 0.940"]
+
+
 # ---- end to end -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def structure_tasks(tmp_path_factory) -> list[Path]:
@@ -333,6 +342,7 @@ def test_frozen_encoder_decoders_end_to_end(structure_tasks, class_cache, tmp_pa
     for stage, task in ((2, names[1]), (3, names[2])):
         rec = models[stage - 1]["method_state"]["records"][task]
         assert rec["compressed"] and rec["parameters"] < rec["teacher_parameters"]
+        assert models[stage - 1]["info"]["notes"] == []  # compressed: nothing the method could not do
         assert rec["parameters"] <= 0.25 * rec["base_parameters"] and rec["flops"] < rec["teacher_flops"]
         assert rec["temperature"] > 0
     # one model: the union label map, and predict writes every structure's ID with the input's geometry

@@ -235,6 +235,14 @@ def test_render_markdown_contains_numbers():
     assert "![Result matrix](R.png)" in md
 
 
+def test_notes_of_what_a_method_could_not_do_reach_the_report():
+    R = pd.DataFrame(R3, columns=["t1", "t2", "t3"])
+    note = "t2: the full-size decoder was kept, not compressed: no student came within 0.01 Dice"
+    md = render_markdown({**_summary(), "notes": [note]}, R, ROW_LABELS, {})
+    assert "## Notes" in md and f"- {note}" in md
+    assert "## Notes" not in render_markdown(_summary(), R, ROW_LABELS, {})  # nothing to say: no section
+
+
 def test_render_comparison_markdown():
     joint = {"method": "joint", "tasks": ["t1", "t2", "t3"], "final_average": 0.875, "bwt": None,
              "final_per_task": [0.95, 0.8, 0.875]}

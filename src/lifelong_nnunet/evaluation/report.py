@@ -104,6 +104,8 @@ def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], image
         rows += [["final average vs. joint (upper bound)", _fmt(gaps.get("vs_joint"))]]
         lines += _table(["comparison", f"{name} gap"], rows)
 
+    if summary.get("notes"):  # what a method could not do as configured (`Method.notes`)
+        lines += ["", "## Notes", "", *[f"- {n}" for n in summary["notes"]]]
     lines += _history(summary.get("history") or [])
     lines += _images(images)
     return "\n".join(lines) + "\n"

@@ -73,6 +73,7 @@ def summarize(run_dir: Path, metric: str | None = None) -> dict:
     for key in ("peak_rss_mb", "peak_gpu_mb"):
         values = [i[key] for i in infos if key in i]
         summary[key] = max(values) if values else None
+    summary["notes"] = list(dict.fromkeys(n for i in infos for n in i.get("notes", [])))  # each once, in order
     summary["by_metric"] = by_metric
     summary["history"] = run.read_history()
     return summary

@@ -225,6 +225,12 @@ class Method:
         stages, and ``extend`` after the originals are deleted, replay without the raw data or the cache."""
         return {}
 
+    def notes(self) -> list[str]:
+        """What the method could not do as configured, one sentence each, for the record and the report (e.g. a
+        decoder kept at full size because no compressed student was good enough). Stored in every stage model's
+        ``info``; the report lists them under "Notes". Default: none."""
+        return []
+
     def replay_share(self, stage: Stage) -> float:
         """Fraction of each training batch drawn from the replay buffer (when there is one)."""
         return 0.0

@@ -167,6 +167,10 @@ class FrozenEncoderDecoders(Method):
         self.records[task] = record
         write_json(Path(trainer.stage_state.stage_dir) / "decoder.json", {task: record})
 
+    def notes(self) -> list[str]:
+        return [f"{task}: the full-size decoder was kept, not compressed: {r['kept_teacher']}"
+                for task, r in self.records.items() if r.get("kept_teacher")]
+
     # ---- resume ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"arch": json.loads(json.dumps(self.arch)), "records": json.loads(json.dumps(self.records))}

@@ -129,7 +129,7 @@ class StageTraining:
                    {"stage": stage.index, "trained_on": list(stage.train_tasks),
                     "tasks_seen": ctx.tasks_trained_by(stage.index),
                     "train_seconds": time.time() - started, "epochs": epochs,
-                    "iterations_per_epoch": iterations, **peak_memory_mb(ctx.device)})
+                    "iterations_per_epoch": iterations, "notes": ctx.method.notes(), **peak_memory_mb(ctx.device)})
         run.record_history({"stage": stage.index, "origin": origin, "started": started_at, "finished": now(),
                             "datasets": [dataset_summary(ctx.by_name[n]) for n in stage.train_tasks],
                             "budget": {"epochs": epochs, "iterations_per_epoch": iterations}, "versions": versions()})
