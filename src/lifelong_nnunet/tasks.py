@@ -181,8 +181,8 @@ def load_task(folder: Path) -> Task:
             why = ("region-based labels (lists of values) are not supported by continual training. Use one "
                    "integer per structure")
         else:
-            why = (f"'{name}' maps to {json.dumps(value)}. Write the label value as a number, e.g. "
-                   f"\"{name}\": 1, not a string")
+            why = (f"'{name}' maps to {json.dumps(value)}. Write its label value as a whole number, e.g. "
+                   f"\"{name}\": 1" + (", not a string" if isinstance(value, str) else ""))
         raise UserInputError(f"{djson_path}: every entry of 'labels' must be a single integer; {why}.")
     if labels.get("background") != 0:
         raise UserInputError(f"{djson_path}: 'labels' must map 'background' to 0. Add \"background\": 0.")
