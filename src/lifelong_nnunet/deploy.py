@@ -77,6 +77,30 @@ def _load_run_network(run_dir: Path, model_path: Path):
     return method, net, seen, plans, djson, exp
 
 
+def plans_for_images(run_dir: Path, task: str | None, seen: list[str]) -> dict:
+    """The plans that preprocess new images: those of ``task`` (its own normalisation on the run's architecture), or
+    without a task the run's plans when every task seen is normalised alike. When the tasks' normalisations differ
+    (a CT task and an MR task, or two CT windows), an image's task decides how it is normalised, so it must be
+    named: refusing beats normalising it with another task's window."""
+    from .nnunet.normalisation import describe, same_normalisation, task_normalisation
+    run = RunFolder(Path(run_dir))
+    configuration = run.read_experiment().configuration
+    if task is not None:
+        return run.task_plans(task, configuration)
+    stored = run.read_normalisation()
+    norms = {t: stored[t] for t in seen if t in stored}
+    first = next(iter(norms.values()), None)
+    if any(not same_normalisation(first, n) for n in norms.values()):
+        raise UserInputError(
+            f"The tasks of the run in {run.root} normalise their images differently ("
+            + "; ".join(f"{t}: {describe(n)}" for t, n in norms.items())
+            + "), so an image's task decides how it is normalised. Name it with --task.")
+    plans = run.read_plans()
+    if first is None or same_normalisation(first, task_normalisation(plans, configuration)):
+        return plans  # the run's own plans, as older runs and stock exports have them
+    return run.task_plans(next(iter(norms)), configuration)
+
+
 def find_inputs(folder: Path, n_channels: int, file_ending: str) -> dict[str, list[Path]]:
     """Cases in nnU-Net naming (``case_0000.nii.gz`` per channel); single-channel files may omit the suffix."""
     folder = Path(folder)
@@ -117,8 +141,10 @@ def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None =
     import numpy as np
     run_dir = Path(run_dir)
     model = select_model(run_dir, task)
-    method, full_net, seen, plans, djson, exp = _load_run_network(run_dir, model)
-    net = method.network_for_task(full_net, _full_task_name(seen, task))
+    method, full_net, seen, _, djson, exp = _load_run_network(run_dir, model)
+    task = None if task is None else _full_task_name(seen, task)
+    plans = plans_for_images(run_dir, task, seen)
+    net = method.network_for_task(full_net, task)
     cases = find_inputs(input_dir, len(djson["channel_names"]), djson["file_ending"])
     dev = resolve_device(device)
     seg = Segmenter(net, plans, exp.configuration, djson, dev, mirroring)
@@ -135,8 +161,9 @@ def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None =
         if chosen is not None:
             choices[case] = chosen
             if chosen not in by_task:
-                by_task[chosen] = Segmenter(method.network_for_task(full_net, chosen), plans, exp.configuration,
-                                            djson, dev, mirroring)
+                by_task[chosen] = Segmenter(method.network_for_task(full_net, chosen),
+                                            RunFolder(run_dir).task_plans(chosen, exp.configuration),
+                                            exp.configuration, djson, dev, mirroring)
             seg = by_task[chosen]
         out = output.label_map(case, djson["file_ending"])
         if probabilities:
@@ -160,10 +187,13 @@ def export_model_folder(run_dir: Path, output: Path, task: str | None = None) ->
     run, output = RunFolder(Path(run_dir)), Path(output)
     model = select_model(run.root, task)
     exp = run.read_experiment()
-    plans, djson = run.read_plans(), run.read_dataset_json()
+    djson = run.read_dataset_json()
     if output.exists() and any(output.iterdir()):
         raise UserInputError(f"{output} exists and is not empty. Export into a new folder.")
-    weights = load_network(run.root, model, task)[0].state_dict()
+    network, _, _, _ = load_network(run.root, model, task)
+    seen = load_model(model)["info"]["tasks_seen"]
+    plans = plans_for_images(run.root, None if task is None else _full_task_name(seen, task), seen)
+    weights = network.state_dict()
     from .nnunet.trainer import build_network
     if set(weights) != set(build_network(plans, exp.configuration, djson).state_dict()):
         raise UserInputError(f"The model of method '{exp.method}' has parts per task and chooses between them per "

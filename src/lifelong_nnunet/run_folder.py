@@ -12,7 +12,10 @@ A run folder (``RUN_FORMAT`` 2)::
     splits.json          task name -> its held-out test cases, in training order (the run's task list)
     schedule.json        the method's stage plan, so reports and predict work without the method's code
     labels.json          the label space (global IDs, every task's local -> global map)
-    plans.json           nnU-Net's plans, shared by every stage
+    plans.json           nnU-Net's plans, shared by every stage (the architecture; the planning task's normalisation)
+    normalisation.json   task name -> the intensity normalisation its images get (nnunet.normalisation): each task
+                         is normalised as nnU-Net would for it alone, on the shared architecture. A task without an
+                         entry (runs made before it existed) is normalised with plans.json's
     dataset.json         the model's dataset.json (class scenario: every structure, global IDs)
     run.log              time-stamped progress lines
     tasks.json           task name -> its record (dataset.json, training and test case IDs, where its test files
@@ -298,6 +301,10 @@ class RunFolder(_Folder):
         return self.root / "plans.json"
 
     @property
+    def normalisation(self) -> Path:
+        return self.root / "normalisation.json"
+
+    @property
     def dataset_json(self) -> Path:
         return self.root / "dataset.json"
 
@@ -435,6 +442,21 @@ class RunFolder(_Folder):
 
     def write_plans(self, plans: dict) -> None:
         write_json(self.plans, plans)
+
+    def read_normalisation(self) -> dict[str, dict]:
+        """Task name -> its normalisation; empty for runs made before normalisation was per task (every task was
+        then normalised with plans.json's, which is what `task_plans` gives them)."""
+        return _read_json(self.normalisation) if self.normalisation.is_file() else {}
+
+    def write_normalisation(self, normalisation: Mapping[str, dict]) -> None:
+        write_json(self.normalisation, dict(normalisation))
+
+    def task_plans(self, task: str, configuration: str) -> dict:
+        """The plans that preprocess ``task``'s images: the run's architecture with the task's normalisation."""
+        from .nnunet.normalisation import with_normalisation
+        norm = self.read_normalisation().get(task)
+        plans = self.read_plans()
+        return plans if norm is None else with_normalisation(plans, configuration, norm)
 
     def read_dataset_json(self) -> dict:
         return _read_json(self.dataset_json)

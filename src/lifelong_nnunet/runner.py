@@ -6,6 +6,7 @@ stage does (its data, its training, its evaluation) lives in the `stages` packag
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -117,6 +118,38 @@ def check_data_unchanged(run: RunFolder, tasks: list[Task]) -> None:
                 f"original files.")
 
 
+def record_normalisation(run: RunFolder, workspace, tasks: list[Task], configuration: str, log: RunLog) -> None:
+    """Store the normalisation each task of the workspace was preprocessed with (its own, as nnU-Net would choose it
+    for the task alone), and say when the tasks' inputs differ. A task keeps the normalisation its stages learned:
+    one recorded differently before (its data changed), or a task trained by a version that normalised every task
+    with the first task's plans, is refused rather than silently evaluated with another mapping."""
+    from .nnunet.normalisation import describe, same_normalisation, task_normalisation
+    stored = run.read_normalisation()
+    trained = {d["name"] for h in run.read_history() for d in h.get("datasets", [])}
+    current = {}
+    for t in workspace.tasks:
+        now = task_normalisation(workspace.plans(t), configuration, t.dataset_json.get("channel_names"))
+        before = stored.get(t.name) or (task_normalisation(run.read_plans(), configuration)
+                                        if t.name in trained else None)
+        if before is not None and not same_normalisation(before, now):
+            raise UserInputError(
+                f"{t.name} is now normalised differently ({describe(now)}) than when the run in {run.root} trained on "
+                f"it ({describe(before)}): its data changed, or the run was started by a lifelong-nnunet that gave "
+                f"every task the first task's normalisation. Use a new output folder (or finish the run with the "
+                f"version that started it).")
+        current[t.name] = now
+    if current:
+        run.write_normalisation({**stored, **current})
+    everything = run.read_normalisation()
+    channels = {t.name: t.dataset_json.get("channel_names") for t in tasks}
+    if len({json.dumps(c, sort_keys=True) for c in channels.values()}) > 1:
+        log("Warning: the tasks' input channels differ ("
+            + "; ".join(f"{t.short_name}: {', '.join(map(str, (c or {}).values()))}" for t, c in
+                        zip(tasks, channels.values()))
+            + "). One architecture serves them all; each task is normalised as nnU-Net would for it alone: "
+            + "; ".join(f"{t.short_name}: {describe(everything[t.name])}" for t in tasks if t.name in everything))
+
+
 def method_for(exp: Experiment, labels: LabelSpace) -> Method:
     """The experiment's method with the run's label space bound, checked against its scenario."""
     method = create_method(exp.method, exp.method_params, labels=labels)
@@ -153,6 +186,7 @@ def advance(exp: Experiment, run: RunFolder, workspace, tasks: list[Task], metho
     goes into the history of each stage trained now."""
     from .nnunet.env import resolve_device
     from .stages import RunContext, StageTraining, evaluate_stage
+    record_normalisation(run, workspace, tasks, exp.configuration, log)
     ctx = RunContext(exp, run, workspace, tasks, method, resolve_device(exp.device), log, labels, stages)
     training = StageTraining(ctx)
     training.ensure_initial_model()

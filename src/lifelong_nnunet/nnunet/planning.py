@@ -1,7 +1,9 @@
 """Shared planning: nnU-Net plans one task once (the first, or the experiment's ``plan_with``), and every task is
-preprocessed with those plans.
+preprocessed with that architecture and its own intensity normalisation.
 
-One architecture (patch size, network topology, normalisation scheme) then serves the whole sequence. Planning sees
+One architecture (patch size, network topology, spacing) then serves the whole sequence, while each task's images are
+normalised the way nnU-Net would normalise them for that task alone (its channel names' scheme, its own intensity
+statistics; see ``normalisation``): a shared architecture must not mean a CT window applied to MR images. Planning sees
 only the training cases: the run's workspace holds an nnU-Net raw view with links to the non-test cases, so test
 images never influence the fingerprint. Workspaces live in a cache outside the run folder (preprocessed arrays are
 image data; see docs) and are keyed by their inputs: the *set* of tasks with their training cases, the planning
@@ -24,8 +26,12 @@ from ..experiment import task_id_of
 from ..io_utils import write_json
 from ..tasks import Task
 from .env import nnunet_env
+from .normalisation import task_normalisation, with_normalisation
 
 PLANS_NAME = "nnUNetPlans"
+# Part of every workspace key: a workspace preprocessed by an older rule (every task with the first task's
+# normalisation) is never reused for the current one.
+PREPROCESSING_RULE = "architecture shared, normalisation per task"
 
 
 def workspace_key(tasks: list[Task], configuration: str, plan_task: Task | None = None,
@@ -34,7 +40,7 @@ def workspace_key(tasks: list[Task], configuration: str, plan_task: Task | None 
     (default: the first) or the given plans, and the configuration. Sorted, so that every ordering of the same tasks
     shares one key."""
     source = {"plans": plans} if plans is not None else {"plan_source": (plan_task or tasks[0]).name}
-    blob = json.dumps({"config": configuration, **source,
+    blob = json.dumps({"config": configuration, **source, "rule": PREPROCESSING_RULE,
                        "tasks": sorted([str(t.folder), t.train_cases, t.dataset_json, _fingerprint(t)] for t in tasks)},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -175,7 +181,8 @@ def _preprocess_with_given_plans(plans: dict, tasks: list[tuple[str, int]], conf
     """Each task preprocessed with ``plans``, written for it the way nnU-Net's ``move_plans_between_datasets``
     writes them (dataset name, plans name, the reader/writer its files need), without planning. The task's own
     fingerprint is still extracted: nnU-Net's trainer copies it into its output folder."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                      plan_experiment_dataset, preprocess_dataset)
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
@@ -187,11 +194,13 @@ def _preprocess_with_given_plans(plans: dict, tasks: list[tuple[str, int]], conf
         example = next(iter(get_filenames_of_train_images_and_targets(str(raw), dataset_json).values()))["images"][0]
         reader = determine_reader_writer_from_dataset_json(dataset_json, example, allow_nonmatching_filename=True,
                                                            verbose=False)
-        log(f"Planning [{i + 1}/{len(tasks)}] {name}: fingerprint (the plans are the run's)")
+        log(f"Planning [{i + 1}/{len(tasks)}] {name}: fingerprint and normalisation (the architecture is the run's)")
         with silenced_stdout():
             extract_fingerprint_dataset(dataset_id, num_processes=2, verbose=False, show_progress_bar=False)
+            plan_experiment_dataset(dataset_id)  # only for the normalisation nnU-Net chooses for this task
+        own = task_normalisation(_read_plans(target), configuration)
         moved = {**plans, "dataset_name": name, "image_reader_writer": reader.__name__, "plans_name": PLANS_NAME}
-        (target / f"{PLANS_NAME}.json").write_text(json.dumps(moved, indent=4))
+        _write_plans(target, with_normalisation(moved, configuration, own))
         shutil.copy(raw / "dataset.json", target / "dataset.json")
         log(f"Preprocessing [{i + 1}/{len(tasks)}] {name} with the run's stored plans")
         with silenced_stdout():
@@ -214,13 +223,25 @@ def _plan_and_preprocess(tasks: list[tuple[str, int]], configuration: str, log) 
             extract_fingerprint_dataset(dataset_id, num_processes=2, verbose=False, show_progress_bar=False)
             plan_experiment_dataset(dataset_id)  # also places dataset.json where preprocessing needs it
             if dataset_id != first_id:
+                target = Path(os.environ["nnUNet_preprocessed"]) / name
+                own = task_normalisation(_read_plans(target), configuration)
                 move_plans_between_datasets(first_id, dataset_id, PLANS_NAME, PLANS_NAME)
-        log(f"Preprocessing [{i + 1}/{len(tasks)}] {name} with the plans of {first_name}")
+                _write_plans(target, with_normalisation(_read_plans(target), configuration, own))
+        log(f"Preprocessing [{i + 1}/{len(tasks)}] {name} with the plans of {first_name}"
+            + ("" if dataset_id == first_id else " and its own normalisation"))
         with silenced_stdout():
             preprocess_dataset(dataset_id, PLANS_NAME, (configuration,), (2,), verbose=False,
                                show_progress_bar=False)
         # nnU-Net copies the label maps here for its own validation; we evaluate from the raw test files instead
         shutil.rmtree(Path(os.environ["nnUNet_preprocessed"]) / name / "gt_segmentations", ignore_errors=True)
+
+
+def _read_plans(preprocessed_task: Path) -> dict:
+    return json.loads((preprocessed_task / f"{PLANS_NAME}.json").read_text())
+
+
+def _write_plans(preprocessed_task: Path, plans: dict) -> None:
+    (preprocessed_task / f"{PLANS_NAME}.json").write_text(json.dumps(plans, indent=4))
 
 
 def _child_main(argv: list[str]) -> None:

@@ -63,6 +63,10 @@ class RunContext:
         nnU-Net writes for each task differ only in the dataset's name)."""
         return self.run.read_plans()
 
+    def plans_for(self, task: str) -> dict:
+        """The plans that preprocess ``task``'s images: the shared architecture with the task's own normalisation."""
+        return self.run.task_plans(task, self.exp.configuration)
+
     @cached_property
     def dataset_json(self) -> dict:
         """The model's dataset.json: every structure of the sequence in the class scenario. Built from the first

@@ -43,8 +43,8 @@ def evaluate_stage(ctx: RunContext, index: int, trained_on: str) -> None:
         job = bar.add_task(f"Evaluating stage {index}", total=sum(len(t.test_cases) for t in todo), info="")
         for t in todo:
             rows = []
-            seg = Segmenter(method.network_for_task(net, t.name), ctx.plans, exp.configuration, dataset_json,
-                            ctx.device, exp.evaluation.mirroring, exp.evaluation.tile_step_size)
+            seg = Segmenter(method.network_for_task(net, t.name), ctx.plans_for(t.name), exp.configuration,
+                            dataset_json, ctx.device, exp.evaluation.mirroring, exp.evaluation.tile_step_size)
             for cid in t.test_cases:
                 case = t.cases[cid]
                 pred, props = seg.predict_files(list(case.images))
