@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lifelong_nnunet.errors import UserInputError
+from lifelong_nnunet.nnunet.planning import CPU_MEMORY_TARGET_GB
 from lifelong_nnunet.nnunet.normalisation import describe, same_normalisation, task_normalisation, with_normalisation
 
 CONFIGURATION = "2d"  # what is normalised does not depend on it, and 2d plans and trains fastest here
@@ -83,6 +84,9 @@ def test_a_ct_task_then_an_mr_task_each_get_their_own_normalisation(ct_then_mr, 
     assert used == ["CTNormalization", "ZScoreNormalization"] * 3
     log = (tmp_path / "run" / "run.log").read_text()
     assert "input channels differ" in log and "ZScoreNormalization" in log and "CTNormalization" in log
+    # the plan for this machine is explained in one line and recorded (a resume plans the same way)
+    assert "Plans: patch " in log and "planned for a CPU" in log
+    assert json.loads((tmp_path / "run" / "planning.json").read_text())["memory_target_gb"] == CPU_MEMORY_TARGET_GB
 
     # the preprocessed MR arrays really are z-scored, not clipped to the CT window
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class

@@ -50,6 +50,24 @@ def _parse_params(items: list[str]) -> dict:
     return params
 
 
+def _planning_flags(memory_target_gb: str | None, target_spacing: str | None) -> dict:
+    """``--memory-target-gb`` and ``--target-spacing`` as the spec's ``planning`` fields (checked by the spec)."""
+    out: dict = {}
+    if memory_target_gb is not None:
+        try:
+            out["memory_target_gb"] = "auto" if memory_target_gb == "auto" else float(memory_target_gb)
+        except ValueError:
+            raise UserInputError(f"--memory-target-gb '{memory_target_gb}' is not a number of GB or 'auto' (e.g. "
+                                 f"--memory-target-gb 4).") from None
+    if target_spacing is not None:
+        try:
+            out["target_spacing"] = [float(v) for v in target_spacing.replace(",", " ").split()]
+        except ValueError:
+            raise UserInputError(f"--target-spacing '{target_spacing}' is not three spacings in mm (e.g. "
+                                 f"--target-spacing 1.5,1.5,1.5).") from None
+    return out
+
+
 def _default(name: str, of: type = Experiment) -> str:
     """The help suffix " Default: X." of a flag that overrides a spec field: the flag itself defaults to None (not
     given), so typer cannot show the value the run will use; this shows the spec's default instead."""
@@ -74,6 +92,12 @@ def run(
                                               "spec)." + _default("iterations_per_epoch", Training)),
     seed: Optional[int] = typer.Option(None, help="Random seed." + _default("seed")),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda." + _default("device")),
+    memory_target_gb: Optional[str] = typer.Option(None, "--memory-target-gb", help="nnU-Net's planner memory "
+                                                   "target in GB (sets patch and batch size), or auto: nnU-Net's 8 "
+                                                   "on a GPU, a CPU-sized target on a CPU. Default: auto."),
+    target_spacing: Optional[str] = typer.Option(None, "--target-spacing", help="Plan at this spacing in mm "
+                                                 "(nnU-Net's axis order), e.g. 1.5,1.5,1.5 (3d_fullres). Default: "
+                                                 "nnU-Net's (the median spacing)."),
     raw_root: Optional[Path] = typer.Option(None, help="Folder to resolve dataset names/IDs in (else nnUNet_raw)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where planned/preprocessed data is cached."),
     start_from: Optional[Path] = typer.Option(None, "--start-from", help="A stock nnU-Net v2 model folder "
@@ -100,6 +124,8 @@ def run(
                        epochs, iterations)
     if param:
         data["method_params"] = {**data.get("method_params", {}), **_parse_params(param)}
+    if memory_target_gb is not None or target_spacing is not None:
+        data["planning"] = {**(data.get("planning") or {}), **_planning_flags(memory_target_gb, target_spacing)}
     if start_from is not None:
         data["start_from"] = {"folder": str(start_from.resolve()), "fold": fold}
     exp = experiment_from_dict(data, str(spec) if spec else "command line")

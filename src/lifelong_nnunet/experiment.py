@@ -55,6 +55,19 @@ class Evaluation:
 
 
 @dataclass
+class Planning:
+    """How nnU-Net plans the shared architecture for the machine at hand (docs/cli.md, "Planning for the machine").
+
+    ``memory_target_gb`` is nnU-Net's planner memory target, which sets the patch and batch size: ``"auto"`` is
+    nnU-Net's own default (8 GB, sized for a GPU) on CUDA and ``nnunet.planning.CPU_MEMORY_TARGET_GB`` on a CPU,
+    where nnU-Net's GPU-sized patch of a native-resolution dataset takes minutes per iteration (measured in
+    benchmarks/cpu_planning.py). ``target_spacing`` (mm, nnU-Net's axis order) replaces nnU-Net's median spacing;
+    it applies to 3d_fullres, as in nnU-Net."""
+    memory_target_gb: float | str = "auto"
+    target_spacing: list[float] | None = None
+
+
+@dataclass
 class Experiment:
     tasks: list[str]
     method: str = "sequential"
@@ -62,6 +75,7 @@ class Experiment:
     scenario: Scenario = "domain"
     configuration: Configuration = "3d_fullres"
     plan_with: str | int | None = None  # the task nnU-Net plans on (folder, name or ID); None: the first task
+    planning: Planning = field(default_factory=Planning)
     training: Training = field(default_factory=Training)
     test_split: TestSplit = field(default_factory=TestSplit)
     evaluation: Evaluation = field(default_factory=Evaluation)
@@ -97,7 +111,7 @@ def _build(cls, data: Any, where: str):
     if unknown:
         raise UserInputError(f"{where}: unknown key(s) {unknown}; allowed are {sorted(known)}. Fix the spelling.")
     kwargs = {}
-    nested = {"training": Training, "test_split": TestSplit, "evaluation": Evaluation}
+    nested = {"training": Training, "test_split": TestSplit, "evaluation": Evaluation, "planning": Planning}
     for k, v in data.items():
         kwargs[k] = _build(nested[k], v, f"{where}.{k}") if k in nested and cls is Experiment else v
     try:
@@ -160,6 +174,7 @@ def validate(exp: Experiment, where: str = "spec") -> None:
         raise bad(f"configuration '{exp.configuration}' is not supported; use one of {list(CONFIGURATIONS)}.")
     if exp.device not in DEVICES:
         raise bad(f"device '{exp.device}' is unknown; use one of {list(DEVICES)}.")
+    _validate_planning(exp, bad)
     t = exp.training
     for name in ("epochs", "iterations_per_epoch", "val_iterations"):
         if not isinstance(getattr(t, name), int) or getattr(t, name) < 1:
@@ -196,6 +211,23 @@ def validate(exp: Experiment, where: str = "spec") -> None:
                                       or task_id_of(exp.plan_with) not in {task_id_of(t) for t in exp.tasks}):
         raise bad(f"plan_with {exp.plan_with!r} is not one of the tasks {exp.tasks}. Name one of them (folder, "
                   f"dataset name or ID), or leave plan_with out to plan with the first task.")
+
+
+def _validate_planning(exp: Experiment, bad) -> None:
+    p = exp.planning
+    if p.memory_target_gb != "auto" and (not _is_number(p.memory_target_gb) or not 0 < p.memory_target_gb <= 1024):
+        raise bad(f"planning.memory_target_gb must be 'auto' or a number of GB > 0, e.g. 4 (got "
+                  f"{p.memory_target_gb!r}).")
+    spacing = p.target_spacing
+    if spacing is not None:
+        if not isinstance(spacing, list) or len(spacing) != 3 or not all(_is_number(v) and v > 0 for v in spacing):
+            raise bad(f"planning.target_spacing must be three spacings in mm (nnU-Net's axis order), e.g. "
+                      f"[1.5, 1.5, 1.5], or null for nnU-Net's own (got {spacing!r}).")
+        if exp.configuration != "3d_fullres":
+            raise bad(f"planning.target_spacing applies to the 3d_fullres configuration only (as in nnU-Net), not "
+                      f"to {exp.configuration}. Leave it out, or use 3d_fullres.")
+    if exp.start_from is not None and (p.memory_target_gb != "auto" or spacing is not None):
+        raise bad("planning cannot be combined with start_from: the imported model's plans are the run's plans.")
 
 
 def task_id_of(spelling: str | int) -> int | str:

@@ -13,6 +13,8 @@ A run folder (``RUN_FORMAT`` 2)::
     schedule.json        the method's stage plan, so reports and predict work without the method's code
     labels.json          the label space (global IDs, every task's local -> global map)
     plans.json           nnU-Net's plans, shared by every stage (the architecture; the planning task's normalisation)
+    planning.json        the planner settings the plans were made with, resolved for the machine that planned them
+                         (nnunet.planning.PlanningChoice; runs planned before it existed used nnU-Net's defaults)
     normalisation.json   task name -> the intensity normalisation its images get (nnunet.normalisation): each task
                          is normalised as nnU-Net would for it alone, on the shared architecture. A task without an
                          entry (runs made before it existed) is normalised with plans.json's
@@ -118,7 +120,7 @@ def _experiment_from_1(identity: dict) -> dict:
     from .experiment import Experiment
     defaults = Experiment(tasks=[]).identity()
     full = {**defaults, **identity}
-    for section in ("training", "test_split", "evaluation"):
+    for section in ("training", "test_split", "evaluation", "planning"):
         full[section] = {**defaults[section], **(identity.get(section) or {})}
     return full
 
@@ -305,6 +307,10 @@ class RunFolder(_Folder):
         return self.root / "normalisation.json"
 
     @property
+    def planning(self) -> Path:
+        return self.root / "planning.json"
+
+    @property
     def dataset_json(self) -> Path:
         return self.root / "dataset.json"
 
@@ -442,6 +448,14 @@ class RunFolder(_Folder):
 
     def write_plans(self, plans: dict) -> None:
         write_json(self.plans, plans)
+
+    def read_planning(self) -> dict | None:
+        """The planner settings the run's plans were made with; None when not recorded (a run planned before the
+        record existed used nnU-Net's defaults)."""
+        return _read_json(self.planning) if self.planning.is_file() else None
+
+    def write_planning(self, choice: dict) -> None:
+        write_json(self.planning, choice)
 
     def read_normalisation(self) -> dict[str, dict]:
         """Task name -> its normalisation; empty for runs made before normalisation was per task (every task was

@@ -68,7 +68,7 @@ def prepare(exp: Experiment, run_dir: Path, log: RunLog, imported: Task | None =
 
 def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = False) -> dict:
     """Run (or resume) an experiment into ``run_dir`` and return its summary."""
-    from .nnunet.planning import Workspace
+    from .nnunet.planning import Workspace, describe_plans
     if exp.start_from is not None:
         from .lifelong import run_from_stock_model
         return run_from_stock_model(exp, run_dir, quiet)
@@ -88,18 +88,34 @@ def run_experiment(exp: Experiment, run_dir: str | os.PathLike, quiet: bool = Fa
     log(f"Run {run.root}: method '{method.name}', {len(tasks)} task(s), {len(stages)} stage(s), "
         f"configuration {exp.configuration}")
 
+    planning = planning_for(run, exp)
     workspace = Workspace(Path(exp.cache_dir) if exp.cache_dir else default_cache_dir(), tasks,
-                          exp.configuration, plan_with=exp.plan_with)
+                          exp.configuration, plan_with=exp.plan_with, planning=planning)
     workspace.ensure_planned(log)
     plans = workspace.plans(workspace.plan_task)
+    log(f"Plans: {describe_plans(plans, exp.configuration)} ({planning.reason})")
     if run.plans.is_file() and run.read_plans() != plans:
         raise UserInputError(
             f"The data of {run.root} changed since the run started: nnU-Net now plans it differently than the "
             f"plans stored in {run.plans}. A run folder's plans are never overwritten, since its models were "
             f"trained with them. Use a new output folder for the changed data.")
     run.write_plans(plans)
+    run.write_planning(planning.to_dict())
     run.write_dataset_json(model_dataset_json(workspace.dataset_json(workspace.plan_task), labels))
     return advance(exp, run, workspace, tasks, method, stages, labels, log, origin="run")
+
+
+def planning_for(run: RunFolder, exp: Experiment):
+    """The planner settings: the ones the run recorded when it planned (a resumed run plans as it did, on whichever
+    machine it resumes), else the spec's ``planning`` resolved for this machine's device."""
+    from .nnunet.env import resolve_device
+    from .nnunet.planning import NNUNET_DEFAULTS, PlanningChoice, resolve_planning
+    recorded = run.read_planning()
+    if recorded is not None:
+        return PlanningChoice.from_dict(recorded)
+    if run.plans.is_file():  # planned before the choice was recorded: with nnU-Net's defaults
+        return NNUNET_DEFAULTS
+    return resolve_planning(exp.planning, resolve_device(exp.device).type)
 
 
 def check_data_unchanged(run: RunFolder, tasks: list[Task]) -> None:

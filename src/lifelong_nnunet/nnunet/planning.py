@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..console import silenced_stdout
@@ -34,12 +35,67 @@ PLANS_NAME = "nnUNetPlans"
 PREPROCESSING_RULE = "architecture shared, normalisation per task"
 
 
+# nnU-Net's planner default, sized for a GPU
+NNUNET_MEMORY_TARGET_GB = 8.0
+# `planning.memory_target_gb: auto` on a CPU. Measured in benchmarks/cpu_planning.py (results/cpu_planning.md): on a
+# native-resolution dataset (0.8 mm) nnU-Net's 8 GB plan costs CPU_PLAN_SPEEDUP times as much per iteration as this
+# one on 2 cores; on datasets whose images are smaller than the patch (the demo, the tests) both plan the same.
+CPU_MEMORY_TARGET_GB = 2.0
+
+
+@dataclass(frozen=True)
+class PlanningChoice:
+    """The planner settings a run uses, resolved from the spec's ``planning`` for the machine, and why."""
+    memory_target_gb: float
+    target_spacing: tuple[float, ...] | None
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"memory_target_gb": self.memory_target_gb, "target_spacing": self.target_spacing,
+                "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PlanningChoice":
+        spacing = d.get("target_spacing")
+        return cls(float(d["memory_target_gb"]), None if spacing is None else tuple(spacing), d.get("reason", ""))
+
+
+# what runs planned before the choice was recorded used: nnU-Net's defaults
+NNUNET_DEFAULTS = PlanningChoice(NNUNET_MEMORY_TARGET_GB, None, "nnU-Net's default planner memory target (8 GB)")
+
+
+def resolve_planning(planning, device_type: str) -> PlanningChoice:
+    """The spec's ``planning`` for a machine whose torch device is ``device_type`` ("cpu" or "cuda")."""
+    spacing = None if planning.target_spacing is None else tuple(float(v) for v in planning.target_spacing)
+    where = "" if spacing is None else f"; target spacing {'x'.join(f'{v:g}' for v in spacing)} mm as the spec says"
+    if planning.memory_target_gb != "auto":
+        gb = float(planning.memory_target_gb)
+        return PlanningChoice(gb, spacing, f"planner memory target {gb:g} GB as the spec says{where}")
+    if device_type == "cpu":
+        return PlanningChoice(CPU_MEMORY_TARGET_GB, spacing,
+                              f"planned for a CPU: planner memory target {CPU_MEMORY_TARGET_GB:g} GB instead of "
+                              f"nnU-Net's GPU-sized {NNUNET_MEMORY_TARGET_GB:g} GB, so large images get a smaller "
+                              f"patch that trains in seconds per iteration (planning.memory_target_gb; see docs/cli.md)"
+                              f"{where}")
+    return PlanningChoice(NNUNET_MEMORY_TARGET_GB, spacing,
+                          f"nnU-Net's default planner memory target ({NNUNET_MEMORY_TARGET_GB:g} GB) for a GPU{where}")
+
+
+def describe_plans(plans: dict, configuration: str) -> str:
+    """The planned patch, batch and spacing in a few words, for the log and the report."""
+    cm = plans["configurations"][configuration]
+    return (f"patch {'x'.join(map(str, cm['patch_size']))}, batch {cm['batch_size']}, spacing "
+            f"{'x'.join(f'{v:.3g}' for v in cm['spacing'])} mm")
+
+
 def workspace_key(tasks: list[Task], configuration: str, plan_task: Task | None = None,
-                  plans: dict | None = None) -> str:
+                  plans: dict | None = None, planning: PlanningChoice = NNUNET_DEFAULTS) -> str:
     """A hash of what planning depends on: the set of task folders with their training cases, the task planned on
-    (default: the first) or the given plans, and the configuration. Sorted, so that every ordering of the same tasks
-    shares one key."""
-    source = {"plans": plans} if plans is not None else {"plan_source": (plan_task or tasks[0]).name}
+    (default: the first) and the planner settings, or the given plans, and the configuration. Sorted, so that every
+    ordering of the same tasks shares one key."""
+    source = {"plans": plans} if plans is not None else {
+        "plan_source": (plan_task or tasks[0]).name, "memory_target_gb": planning.memory_target_gb,
+        "target_spacing": planning.target_spacing}
     blob = json.dumps({"config": configuration, **source, "rule": PREPROCESSING_RULE,
                        "tasks": sorted([str(t.folder), t.train_cases, t.dataset_json, _fingerprint(t)] for t in tasks)},
                       sort_keys=True)
@@ -80,10 +136,11 @@ class Workspace:
     batch run, so a task added later gets the same preprocessed arrays as in a run that had it from the start."""
 
     def __init__(self, root: Path, tasks: list[Task], configuration: str, plan_with: str | int | None = None,
-                 plans: dict | None = None) -> None:
+                 plans: dict | None = None, planning: PlanningChoice = NNUNET_DEFAULTS) -> None:
         self.given_plans = plans
+        self.planning = planning
         self.plan_task = None if plans is not None else find_plan_task(tasks, plan_with)
-        self.root = Path(root) / workspace_key(tasks, configuration, self.plan_task, plans)
+        self.root = Path(root) / workspace_key(tasks, configuration, self.plan_task, plans, planning)
         self.tasks = tasks
         self.configuration = configuration
         self.raw = self.root / "nnUNet_raw"
@@ -126,7 +183,7 @@ class Workspace:
             write_json(tmp / "given_plans.json", self.given_plans)
         args = json.dumps({"root": str(tmp), "configuration": self.configuration,
                            "tasks": [[t.name, t.dataset_id] for t in [*first, *others]],
-                           "given_plans": self.given_plans is not None})
+                           "given_plans": self.given_plans is not None, "planning": self.planning.to_dict()})
         child = subprocess.Popen([sys.executable, "-m", __name__, args], stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
         output = []
@@ -209,7 +266,8 @@ def _preprocess_with_given_plans(plans: dict, tasks: list[tuple[str, int]], conf
         shutil.rmtree(target / "gt_segmentations", ignore_errors=True)
 
 
-def _plan_and_preprocess(tasks: list[tuple[str, int]], configuration: str, log) -> None:
+def _plan_and_preprocess(tasks: list[tuple[str, int]], configuration: str, log,
+                         planning: PlanningChoice = NNUNET_DEFAULTS) -> None:
     # imported here: nnunetv2 reads its folder variables at import time in places, so import inside the env
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                       plan_experiment_dataset, preprocess_dataset)
@@ -221,8 +279,11 @@ def _plan_and_preprocess(tasks: list[tuple[str, int]], configuration: str, log) 
         log(f"Planning [{i + 1}/{len(tasks)}] {name}: fingerprint")
         with silenced_stdout():
             extract_fingerprint_dataset(dataset_id, num_processes=2, verbose=False, show_progress_bar=False)
-            plan_experiment_dataset(dataset_id)  # also places dataset.json where preprocessing needs it
-            if dataset_id != first_id:
+            if dataset_id == first_id:  # the architecture of the whole run
+                plan_experiment_dataset(dataset_id, gpu_memory_target_in_gb=planning.memory_target_gb,
+                                        overwrite_target_spacing=planning.target_spacing)
+            else:  # only for its normalisation; also places dataset.json where preprocessing needs it
+                plan_experiment_dataset(dataset_id)
                 target = Path(os.environ["nnUNet_preprocessed"]) / name
                 own = task_normalisation(_read_plans(target), configuration)
                 move_plans_between_datasets(first_id, dataset_id, PLANS_NAME, PLANS_NAME)
@@ -253,7 +314,7 @@ def _child_main(argv: list[str]) -> None:
             _preprocess_with_given_plans(json.loads((root / "given_plans.json").read_text()), tasks,
                                          spec["configuration"], log)
         else:
-            _plan_and_preprocess(tasks, spec["configuration"], log)
+            _plan_and_preprocess(tasks, spec["configuration"], log, PlanningChoice.from_dict(spec["planning"]))
 
 
 if __name__ == "__main__":

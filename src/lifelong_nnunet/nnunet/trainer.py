@@ -81,7 +81,8 @@ class ContinualTrainer(nnUNetTrainer):
     def configure(self, *, sources: list[DataSource], method: Method, stage_state: StageState, epochs: int,
                   iterations_per_epoch: int, val_iterations: int, initial_lr: float, seed: int,
                   batch_size: int | None = None,
-                  on_epoch: Callable[[int, int, dict], None] | None = None) -> None:
+                  on_epoch: Callable[[int, int, dict], None] | None = None,
+                  on_iteration: Callable[[float], None] | None = None) -> None:
         self.sources = sources
         self.method = method
         self._stage_state = stage_state
@@ -91,6 +92,7 @@ class ContinualTrainer(nnUNetTrainer):
         self.initial_lr = initial_lr
         self.seed = seed
         self.on_epoch = on_epoch
+        self.on_iteration = on_iteration  # called after every training step with its loss (progress per iteration)
         self.save_every = 1
         # class scenario: per task, local label value -> training target (global ID); see `map_targets`
         self.target_luts = {s.task: torch.tensor(lut) for s in sources
@@ -191,6 +193,8 @@ class ContinualTrainer(nnUNetTrainer):
         self.method.after_step(self)
         out = {"loss": loss.detach().cpu().numpy(), "task_loss": task_loss.detach().cpu().numpy()}
         out.update({k: v.detach().cpu().numpy() for k, v in extra.items()})
+        if self.on_iteration is not None:
+            self.on_iteration(float(out["loss"]))
         return out
 
     def on_validation_epoch_end(self, val_outputs):

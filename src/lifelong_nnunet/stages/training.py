@@ -66,7 +66,7 @@ class StageTraining:
         return self.ctx.workspace.env(results=self.ctx.run.nnunet_results(stage.index),
                                       nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0"))
 
-    def build_stage_trainer(self, stage: Stage, epochs: int, on_epoch=None):
+    def build_stage_trainer(self, stage: Stage, epochs: int, on_epoch=None, on_iteration=None):
         """A trainer ready for the stage's first epoch: the method's network with the starting weights loaded
         and ``before_stage`` called. Call inside ``stage_env(stage)``."""
         from ..nnunet.trainer import build_trainer
@@ -80,7 +80,8 @@ class StageTraining:
                                     resume=True, results_dir=ctx.run.nnunet_results(stage.index))
             trainer.configure(sources=self.sources(stage), method=ctx.method, stage_state=state, epochs=epochs,
                               iterations_per_epoch=stage_iterations(stage, t), val_iterations=t.val_iterations,
-                              initial_lr=t.initial_lr, seed=exp.seed, batch_size=t.batch_size, on_epoch=on_epoch)
+                              initial_lr=t.initial_lr, seed=exp.seed, batch_size=t.batch_size, on_epoch=on_epoch,
+                              on_iteration=on_iteration)
             trainer.initialize()
             # seeded before the method adapts the network: parts it adds (new output channels, heads) are then the
             # same whatever ran before in this process (an uninterrupted run, a resumed one, or `extend`)
@@ -104,22 +105,31 @@ class StageTraining:
         epochs, iterations = stage_epochs(stage, t), stage_iterations(stage, t)
         started_at = now()
         with progress_bar(ctx.log.quiet) as bar:
-            job = bar.add_task(f"Stage {stage.index} [{stage.label}] epochs", total=epochs, info="")
+            job = bar.add_task(f"Stage {stage.index} [{stage.label}] iterations", total=epochs * iterations,
+                               info="")
+            speed = IterationSpeed(epochs * iterations)
+
+            def on_iteration(loss):
+                speed.tick()
+                bar.update(job, advance=1, info=f"{speed.seconds_per_iteration:.2f} s/it, loss {loss:.3f}")
 
             def on_epoch(epoch, total, stats):
-                bar.update(job, completed=epoch, info=f"loss {stats['train_loss']:.3f} "
-                                                      f"pseudo-Dice {stats['pseudo_dice']:.3f}")
+                bar.update(job, completed=epoch * iterations, info=f"loss {stats['train_loss']:.3f} "
+                                                                   f"pseudo-Dice {stats['pseudo_dice']:.3f}")
                 ctx.log.path and RunLog(ctx.log.path, quiet=True)(
                     f"stage {stage.index} epoch {epoch}/{total} " + " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
+                warning = speed.slow_budget_warning(stage.index, (total - epoch) * iterations)
+                if warning:
+                    ctx.log(warning)
 
             with self.stage_env(stage):
-                trainer = self.build_stage_trainer(stage, epochs, on_epoch)
+                trainer = self.build_stage_trainer(stage, epochs, on_epoch, on_iteration)
                 resume_from = trainer.resume_checkpoint()
                 if resume_from is not None:
                     trainer.load_checkpoint(str(resume_from))
-                    bar.update(job, completed=trainer.current_epoch)
+                    bar.update(job, completed=trainer.current_epoch * iterations)
                     ctx.log(f"Stage {stage.index}: resuming from epoch {trainer.current_epoch}")
-                started = time.time()
+                started = speed.started = time.time()
                 with silenced_stdout():
                     trainer.run_training()
                     ctx.method.after_stage(trainer, stage)
@@ -156,6 +166,37 @@ class StageTraining:
                 for f in list(folder.iterdir()) if folder.is_dir() else []:
                     if case_of(f) not in cases:
                         f.unlink()
+
+
+class IterationSpeed:
+    """Seconds per training iteration as a stage trains (everything included: data loading, augmentation,
+    validation), and the warning when its budget would take hours on this machine (a native-resolution plan on a
+    CPU can need minutes per iteration)."""
+    WARN_AFTER_HOURS = 3.0
+
+    def __init__(self, total: int) -> None:
+        self.total, self.count, self.warned = total, 0, False
+        self.started = time.time()
+
+    def tick(self) -> None:
+        self.count += 1
+
+    @property
+    def seconds_per_iteration(self) -> float:
+        return (time.time() - self.started) / max(1, self.count)
+
+    def slow_budget_warning(self, stage: int, left_iterations: int) -> str | None:
+        """Once, after the first epoch: a warning line when the rest of the stage would take hours, else None."""
+        if self.warned:
+            return None
+        self.warned = True
+        left = left_iterations * self.seconds_per_iteration
+        if left <= self.WARN_AFTER_HOURS * 3600:
+            return None
+        return (f"Warning: stage {stage} trains at {self.seconds_per_iteration:.1f} s per iteration (measured over its "
+                f"first epoch), so its remaining {left_iterations} iterations will take about {left / 3600:.1f} h on "
+                f"this machine. For a quicker run: a smaller budget (--epochs/--iterations), or plans for this machine "
+                f"(see 'Planning for a CPU' in docs/cli.md).")
 
 
 def stage_epochs(stage: Stage, training) -> int:
