@@ -7,7 +7,7 @@ targets of 8 GB (nnU-Net's default, sized for a GPU), 4, 2 and 1 GB. For each pl
 timed for forward + backward on a batch of the planned patch size (random input, the data loading left out, so this
 is a lower bound of an iteration), interleaved over rounds.
 
-    .venv/bin/python benchmarks/cpu_planning.py [--rounds 3] [--shape 96 224 224]
+    .venv/bin/python benchmarks/cpu_planning.py [--rounds 2] [--shape 64 192 192]
 
 Writes benchmarks/results/cpu_planning.{json,md}.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lifelong_nnunet.console import silenced_stdout
 from lifelong_nnunet.datasets._common import write_raw_dataset
 from lifelong_nnunet.datasets.synthetic import SYNTHETIC_LABELS, site_appearance, synthetic_image, synthetic_label_map
 from lifelong_nnunet.nnunet.env import nnunet_env
@@ -31,12 +32,13 @@ RESULTS = Path(__file__).parent / "results"
 TARGETS_GB = [8.0, 4.0, 2.0, 1.0]
 
 
-def plan_at(raw: Path, preprocessed: Path, dataset_id: int, target_gb: float) -> dict:
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, plan_experiment_dataset
-    with nnunet_env(raw, preprocessed):
+def plans_at(raw: Path, preprocessed: Path, dataset_id: int, targets_gb: list[float]) -> dict[float, dict]:
+    """nnU-Net's plans at each memory target (one fingerprint)."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                      plan_experiment_dataset)
+    with nnunet_env(raw, preprocessed), silenced_stdout():
         extract_fingerprint_dataset(dataset_id, num_processes=2, verbose=False, show_progress_bar=False)
-        plans, _ = plan_experiment_dataset(dataset_id, gpu_memory_target_in_gb=target_gb)
-    return plans
+        return {gb: plan_experiment_dataset(dataset_id, gpu_memory_target_in_gb=gb)[0] for gb in targets_gb}
 
 
 def iteration_seconds(plans: dict, djson: dict) -> float:
@@ -54,21 +56,21 @@ def iteration_seconds(plans: dict, djson: dict) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--shape", type=int, nargs=3, default=[96, 224, 224])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--shape", type=int, nargs=3, default=[64, 192, 192])
     args = ap.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rng = np.random.default_rng(0)
         cases = []
-        for i in range(3):
+        for i in range(2):
             label = synthetic_label_map(tuple(args.shape), rng)
             cases.append((f"native_{i:03d}", synthetic_image(label, site_appearance(0, 0), rng), label))
         raw = tmp / "raw"
         folder = write_raw_dataset(raw / "Dataset990_Native", cases, (0.8, 0.8, 0.8), SYNTHETIC_LABELS)
         djson = json.loads((folder / "dataset.json").read_text())
-        plans = {gb: plan_at(raw, tmp / "pre", 990, gb) for gb in TARGETS_GB}
+        plans = plans_at(raw, tmp / "pre", 990, TARGETS_GB)
         times = {gb: [] for gb in TARGETS_GB}
         for _ in range(args.rounds):
             for gb in TARGETS_GB:
