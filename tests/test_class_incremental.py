@@ -317,9 +317,17 @@ def test_the_search_keeps_the_teacher_when_no_student_comes_within_tolerance():
     assert len(kept.tried) == 2 and all(c["dice"] < 0.99 and not c["accepted"] for c in kept.tried)
     assert "no student came within 0.01 Dice" in kept.kept_teacher
     # the same students pass a tolerance they meet: the smallest one is taken
-    taken = search_student(*args, _search(1.0), batches, lambda: batches[0], _no_task_loss, torch.device("cpu"),
-                           seed=torch.manual_seed)
+    bars: dict[str, list[int]] = {}
+
+    def progress(description: str, total: int):
+        bars[description] = [0, total]
+        return lambda: bars[description].__setitem__(0, bars[description][0] + 1)
+
+    taken = search_student(*args, _search(1.0, iterations=3), batches, lambda: batches[0], _no_task_loss,
+                           torch.device("cpu"), seed=torch.manual_seed, progress=progress)
     assert taken.student is not None and taken.student.width == 0.25 and taken.kept_teacher is None
+    # the distillation of the one candidate tried showed its progress, one step per iteration
+    assert bars == {"student 1/2 (width 0.25 x1 conv) distillation": [3, 3]}
     # patches without any structure cannot judge a student: none is trained, the teacher stays
     for b in batches:
         b["target"] = torch.zeros_like(b["target"])

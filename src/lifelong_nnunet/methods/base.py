@@ -152,6 +152,11 @@ class TrainerView(Protocol):
     def print_to_log_file(self, *args: Any) -> None:
         """Append a line to the stage's nnU-Net training log."""
 
+    def progress(self, description: str, total: int) -> Callable[[], None]:
+        """A progress bar for a long step of the method's own (an importance pass, a student's distillation), shown
+        on the run's display under the stage's epoch bar and silent when the run is quiet: ``total`` units, and the
+        returned ``advance()`` is called once per unit done."""
+
 
 class Method:
     """Base class: sequential fine-tuning semantics and no extra loss terms.

@@ -174,7 +174,7 @@ class FrozenEncoderDecoders(Method):
             found = search_student(
                 net.encoder, full.decoder, self._num_local(task), search, val, lambda: next(train_batches),
                 trainer.loss, device, seed=lambda i: seed_everything(trainer.seed, stage.index, 1000 + i),
-                log=lambda s: trainer.print_to_log_file(s))
+                log=lambda s: trainer.print_to_log_file(s), progress=trainer.progress)
             record.update(teacher_dice=found.teacher_dice, candidates=found.tried, base_parameters=base,
                           kept_teacher=found.kept_teacher)
             if found.student is not None:
