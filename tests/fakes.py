@@ -15,7 +15,8 @@ class FakeTrainer:
     """A `TrainerView` around a real (tiny) network.
 
     ``batches``: what `training_batches` and `validation_batches` cycle through (``drawn`` counts the training
-    batches handed out). The stage state is a plain attribute here, so a test can swap in another state with
+    batches handed out). ``bars`` records each `progress` bar a method opened: its units done and its total.
+    The stage state is a plain attribute here, so a test can swap in another state with
     ``dataclasses.replace``; the real trainer's is read-only.
     """
 
@@ -40,6 +41,7 @@ class FakeTrainer:
         self.batches = list(batches)
         self.drawn = 0
         self.logged: list[str] = []
+        self.bars: dict[str, list[int]] = {}  # description -> [units done, total] of each `progress` bar
 
     def training_batches(self, n: int) -> Iterator[dict]:
         for i in range(n):
@@ -51,3 +53,10 @@ class FakeTrainer:
 
     def print_to_log_file(self, *args: Any) -> None:
         self.logged.append(" ".join(map(str, args)))
+
+    def progress(self, description: str, total: int) -> Callable[[], None]:
+        bar = self.bars.setdefault(description, [0, total])
+
+        def advance() -> None:
+            bar[0] += 1
+        return advance

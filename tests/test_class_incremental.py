@@ -174,6 +174,43 @@ def test_a_new_decoder_has_its_own_parameters_and_the_method_rejects_the_domain_
     assert method.scenarios == ("class",)
 
 
+def test_a_full_size_decoder_exports_as_nnunets_own_network_with_its_tasks_own_labels(space):
+    """Task C's decoder (full size, a copy of nnU-Net's) with the encoder loads strictly into nnU-Net's own U-Net and
+    computes exactly what the decoder computes in the run's network; the labels are C's own values (beta 1,
+    epsilon 2), not the global IDs 2 and 5 of the merged model. Every weight is perturbed first, so an encoder or a
+    decoder body left at its initial values, or another task's decoder, gives other outputs."""
+    tasks = ["Dataset001_A", "Dataset002_B", "Dataset003_C"]
+    method = create_method("frozen_encoder_decoders", {}, labels=space)
+    net = method.adapt_network(_unet(3, deep_supervision=False), tasks)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert method.stock_network(net, None) is None  # the merged model: export refuses it
+    stock = method.stock_network(net, "Dataset003_C")
+    assert stock.task == "Dataset003_C" and stock.labels == {"background": 0, "beta": 1, "epsilon": 2}
+    plain = _unet(3, deep_supervision=False)
+    plain.load_state_dict(stock.weights)  # strict: exactly nnU-Net's keys and shapes
+    x = torch.randn(1, 1, 16, 16, 16)
+    net.active = "Dataset003_C"
+    with torch.no_grad():
+        # bitwise: the same modules' weights run through the same operations in the same order
+        assert torch.equal(plain(x), net(x))
+        net.active = "Dataset002_B"
+        assert not torch.equal(plain(x), net(x))
+
+
+def test_a_compressed_decoder_is_refused_for_export(space):
+    from lifelong_nnunet.networks.encoder_decoders import TaskDecoder
+    method = create_method("frozen_encoder_decoders", {}, labels=space)
+    net = method.adapt_network(_unet(3, deep_supervision=False), ["Dataset001_A", "Dataset002_B"])
+    student = CompactDecoder(net.encoder, 3, width=0.5, n_conv=1, deep_supervision=False)
+    net.replace("Dataset002_B", TaskDecoder(student, space.lut("Dataset002_B")))
+    with pytest.raises(UserInputError, match=r"compressed into a student \(0.5 x .*Export a task whose decoder is "
+                                             r"full size \(Dataset001_A\)"):
+        method.stock_network(net, "Dataset002_B")
+
+
 def _deep_supervision_batches(net, n: int = 2, seed: int = 0) -> list[dict]:
     """Fixed patches with nnU-Net's deep-supervision targets (one per resolution), labelled 0..2 at random."""
     g = torch.Generator().manual_seed(seed)
@@ -280,9 +317,17 @@ def test_the_search_keeps_the_teacher_when_no_student_comes_within_tolerance():
     assert len(kept.tried) == 2 and all(c["dice"] < 0.99 and not c["accepted"] for c in kept.tried)
     assert "no student came within 0.01 Dice" in kept.kept_teacher
     # the same students pass a tolerance they meet: the smallest one is taken
-    taken = search_student(*args, _search(1.0), batches, lambda: batches[0], _no_task_loss, torch.device("cpu"),
-                           seed=torch.manual_seed)
+    bars: dict[str, list[int]] = {}
+
+    def progress(description: str, total: int):
+        bars[description] = [0, total]
+        return lambda: bars[description].__setitem__(0, bars[description][0] + 1)
+
+    taken = search_student(*args, _search(1.0, iterations=3), batches, lambda: batches[0], _no_task_loss,
+                           torch.device("cpu"), seed=torch.manual_seed, progress=progress)
     assert taken.student is not None and taken.student.width == 0.25 and taken.kept_teacher is None
+    # the distillation of the one candidate tried showed its progress, one step per iteration
+    assert bars == {"student 1/2 (width 0.25 x1 conv) distillation": [3, 3]}
     # patches without any structure cannot judge a student: none is trained, the teacher stays
     for b in batches:
         b["target"] = torch.zeros_like(b["target"])
@@ -322,13 +367,20 @@ def _class_run(tasks, method, params, out, cache):
     return run_experiment(exp, out, quiet=True)
 
 
-@pytest.mark.slow
-def test_frozen_encoder_decoders_end_to_end(structure_tasks, class_cache, tmp_path):
-    run = tmp_path / "fed"
+@pytest.fixture(scope="module")
+def fed_run(structure_tasks, class_cache, tmp_path_factory) -> Path:
+    """A three-task frozen_encoder_decoders run whose later decoders were compressed (shared by the tests below)."""
+    run = tmp_path_factory.mktemp("fed") / "run"
     _class_run(structure_tasks, "frozen_encoder_decoders",
                {"widths": [0.25, 0.5], "convs": [1], "val_batches": 2, "student_budget": 1.0,
                 "dice_tolerance": 1.0},  # a tiny budget: accept a student, whose mechanics are checked here
                run, class_cache)
+    return run
+
+
+@pytest.mark.slow
+def test_frozen_encoder_decoders_end_to_end(fed_run, structure_tasks, tmp_path):
+    run = fed_run
     models = [torch.load(run / "stages" / f"stage_{i}" / "model.pt", weights_only=True) for i in (1, 2, 3)]
     w = [m["network_weights"] for m in models]
     # the encoder is bitwise unchanged after stage 1, and every decoder is unchanged by later stages
@@ -358,6 +410,44 @@ def test_frozen_encoder_decoders_end_to_end(structure_tasks, class_cache, tmp_pa
     assert set(np.unique(np.asarray(pred.dataobj))) <= set(labels.values())
     results = (run / "results.csv").read_text()
     assert "epsilon" in results and "alpha" in results
+
+
+@pytest.mark.slow
+def test_one_task_of_the_class_model_exports_to_stock_nnunet(fed_run, structure_tasks, tmp_path):
+    """`export --task` of the first task: stock nnU-Net's own loading (trainer class by name, network from the plans,
+    torch.load of the checkpoint) and predictor give exactly the label map and probabilities of that task's decoder
+    in our run's network. The merged model and a compressed decoder are refused, with nothing written."""
+    import json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from lifelong_nnunet.deploy import _load_run_network, export_model_folder, select_model
+    from lifelong_nnunet.nnunet.predictor import Segmenter
+    first, second = structure_tasks[0].name, structure_tasks[1].name
+    with pytest.raises(UserInputError, match="--task"):
+        export_model_folder(fed_run, tmp_path / "merged")
+    with pytest.raises(UserInputError, match="compressed"):
+        export_model_folder(fed_run, tmp_path / "student", task=second)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "student").exists()
+
+    folder = export_model_folder(fed_run, tmp_path / "model", task=first)
+    own = json.loads((structure_tasks[0] / "dataset.json").read_text())["labels"]
+    assert json.loads((folder / "dataset.json").read_text())["labels"] == own
+    case = sorted((structure_tasks[0] / "imagesTr").iterdir())[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # nnU-Net predicts with min(threads, nnUNet_def_n_proc): the same split of work in both
+    try:
+        stock = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+        stock.initialize_from_trained_model_folder(str(folder), (0,), "checkpoint_final.pth")
+        method, net, seen, plans, djson, exp = _load_run_network(fed_run, select_model(fed_run))
+        net.active = first  # the task's decoder alone, as our run's network computes it
+        ours = Segmenter(net, plans, exp.configuration, {**djson, "labels": own}, torch.device("cpu"))
+        image, props = ours.read([case])
+        stock_seg, stock_prob = stock.predict_single_npy_array(image, props, None, None, True)
+        our_seg, our_prob = ours.predict_arrays(image, props, probabilities=True)
+    finally:
+        torch.set_num_threads(threads)
+    # bitwise: the same weights through the same predictor and operations, on one thread
+    assert np.array_equal(stock_seg, our_seg) and np.array_equal(stock_prob, our_prob)
+    assert set(np.unique(stock_seg)) <= set(own.values())
 
 
 @pytest.mark.slow

@@ -397,3 +397,40 @@ def test_lower_is_better_metric_flips_verdicts_and_gap_sign(sweep_copy):
     pairs = pairwise_table(df, "hd95").set_index(["method_a", "method_b"])
     assert pairs.loc[("sequential", "ewc")].verdict == "A better"  # ewc's distances are 1.0 larger
     assert "<b>hd95</b>, lower is better" in write_comparison_report(sweep_copy, metric="hd95").read_text()
+
+
+# ---------------------------------------------------------------- figure layout
+
+def _titles_outside(fig) -> list[str]:
+    """Every title (axes titles, suptitles of the figure and its subfigures) whose drawn extent leaves the figure,
+    measured by matplotlib's renderer after the layout has run (0.5 px of rounding allowed)."""
+    fig.draw_without_rendering()
+    renderer, box = fig.canvas.get_renderer(), fig.bbox
+    figures = [fig, *fig.subfigs, *(s for f in fig.subfigs for s in f.subfigs)]
+    titles = [ax.title for ax in fig.get_axes() if ax.get_visible()] + \
+             [f._suptitle for f in figures if f._suptitle is not None]
+    return [t.get_text() for t in titles if t.get_text() and not (
+        t.get_window_extent(renderer).x0 >= box.x0 - 0.5 and t.get_window_extent(renderer).x1 <= box.x1 + 0.5
+        and t.get_window_extent(renderer).y0 >= box.y0 - 0.5 and t.get_window_extent(renderer).y1 <= box.y1 + 0.5)]
+
+
+@pytest.mark.parametrize("methods", [1, 4])
+def test_sweep_figure_titles_lie_inside_their_figures(sweep, methods):
+    """The long centred titles of the comparison's figures (ordering sensitivity, curves, heatmaps) used to be
+    cut at both edges of a narrow figure; with one method every figure is at its narrowest."""
+    from lifelong_nnunet.evaluation.comparison.figures import draw_curves, draw_heatmaps, draw_ordering, render
+    runs = load_runs(sweep, load_sweep(sweep)["runs"], "dice")
+    keep = list(dict.fromkeys(r.method for r in runs))[:methods]
+    views = Views([r for r in runs if r.method in keep], "dice")
+    for draw in (draw_ordering, draw_curves, draw_heatmaps):
+        fig = render(draw, views)
+        assert fig._suptitle is not None or fig.get_axes()[0].get_title()  # there is a title to check
+        assert _titles_outside(fig) == [], draw.__name__
+
+
+def test_run_figure_titles_lie_inside_their_figures(tmp_path):
+    from lifelong_nnunet.evaluation.plots import plot_result_matrix
+    R = pd.DataFrame([[0.1, 0.2]], index=[1], columns=["Dataset001_A", "Dataset002_B"])
+    title = "frozen_encoder_decoders_with_a_long_name: mean normalised_surface_dice R[stage][task] of the run"
+    fig = plot_result_matrix(R, tmp_path / "R.png", title)
+    assert "\n" in fig.axes[0].get_title() and _titles_outside(fig) == []

@@ -192,6 +192,7 @@ def test_ewc_fisher_is_mean_over_many_batches_not_one():
     method = create_method("ewc", {"fisher_batches": 4})
     method.after_stage(trainer, trainer.stage_state.stage)
     assert trainer.drawn == 4
+    assert trainer.bars == {"EWC Fisher batches": [4, 4]}  # the pass shows its progress, one step per batch
     fisher = method.quadratic.weight
     reference = reference_importance(net, batches, trainer.loss, "square")
     one_batch = reference_importance(net, batches[:1], trainer.loss, "square")
@@ -207,6 +208,7 @@ def test_mas_importance_is_mean_over_many_batches_not_one():
     trainer = trainer_for(net, batches)
     method = create_method("mas", {"importance_batches": 3})
     method.after_stage(trainer, trainer.stage_state.stage)
+    assert trainer.bars == {"MAS importance batches": [3, 3]}
     omega = method.quadratic.weight
     reference = reference_importance(net, batches, mas_objective, "abs")
     one_batch = reference_importance(net, batches[:1], mas_objective, "abs")

@@ -271,7 +271,8 @@ def predict(
 def export(
     run_dir: Path = typer.Argument(..., help="Run folder."),
     output: Path = typer.Option(..., "-o", "--output", help="New folder for the stock nnU-Net model."),
-    task: Optional[str] = typer.Option(None, help="For one-model-per-task runs: which task's model."),
+    task: Optional[str] = typer.Option(None, help="Which task's model (one-model-per-task runs), or whose decoder "
+                                                  "(frozen_encoder_decoders: that task's structures, own labels)."),
 ) -> None:
     """Export the final model as a stock nnU-Net v2 model folder (for nnUNetv2_predict_from_modelfolder)."""
     from .deploy import export_model_folder

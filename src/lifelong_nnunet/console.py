@@ -5,7 +5,7 @@ import contextlib
 import datetime as _dt
 import io
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -46,3 +46,9 @@ def progress_bar(quiet: bool = False) -> Iterator[Progress]:
                         disable=quiet, transient=False)
     with progress:
         yield progress
+
+
+def no_progress(description: str, total: int) -> Callable[[], None]:
+    """A progress-bar factory that shows nothing (``progress(description, total)`` returns ``advance()``): the
+    default where a long step is run outside a run's display, e.g. in tests."""
+    return lambda: None

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserInputError
-from .io_utils import atomic_write, write_json
+from .io_utils import atomic_directory, atomic_write, write_json
 from .names import names_task
 from .run_folder import NnunetModelFolder, PredictionFolder, RunFolder, is_one_model_per_task, load_model
 
@@ -37,13 +37,6 @@ def select_model(run_dir: Path, task: str | None = None) -> Path:
         raise UserInputError(f"{run_dir} has no trained model for stage {index} yet. Finish the run first "
                              f"(repeat the 'lifelong-nnunet run' command to resume it).")
     return models[index]
-
-
-def load_network(run_dir: Path, model_path: Path, task: str | None = None):
-    """Rebuild the run's network (through its method, for multi-head and other architectures) with its weights,
-    and return the module that segments ``task`` (``None``: the method's own choice)."""
-    method, net, seen, plans, djson, exp = _load_run_network(run_dir, model_path)
-    return method.network_for_task(net, _full_task_name(seen, task)), plans, djson, exp
 
 
 def _full_task_name(seen: list[str], task: str | None) -> str | None:
@@ -183,25 +176,42 @@ def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None =
 
 
 def export_model_folder(run_dir: Path, output: Path, task: str | None = None) -> Path:
-    """A stock nnU-Net v2 model folder (trainer ``nnUNetTrainer``) usable by nnUNetv2_predict_from_modelfolder."""
+    """A stock nnU-Net v2 model folder (trainer ``nnUNetTrainer``) usable by nnUNetv2_predict_from_modelfolder.
+
+    The exported network is the one nnU-Net builds from the plans, so stock nnU-Net can rebuild it: the delivered
+    model as it is, or, for a method whose network is not nnU-Net's own (one decoder per task), ``task``'s part
+    of it as the method gives it (`Method.stock_network`), with that task's own labels. Every key and shape is
+    checked against nnU-Net's network; a model that does not fit is refused, never approximated. Written into a
+    temporary sibling and renamed, so a failed export leaves nothing behind."""
+    from .nnunet.trainer import build_network
     run, output = RunFolder(Path(run_dir)), Path(output)
     model = select_model(run.root, task)
-    exp = run.read_experiment()
-    djson = run.read_dataset_json()
     if output.exists() and any(output.iterdir()):
         raise UserInputError(f"{output} exists and is not empty. Export into a new folder.")
-    network, _, _, _ = load_network(run.root, model, task)
-    seen = load_model(model)["info"]["tasks_seen"]
-    plans = plans_for_images(run.root, None if task is None else _full_task_name(seen, task), seen)
-    weights = network.state_dict()
-    from .nnunet.trainer import build_network
-    if set(weights) != set(build_network(plans, exp.configuration, djson).state_dict()):
-        raise UserInputError(f"The model of method '{exp.method}' has parts per task and chooses between them per "
-                             f"image; a stock nnU-Net model holds one. Export one task's network with --task (one "
-                             f"of {', '.join(run.read_tasks())}).")
+    method, net, seen, _, djson, exp = _load_run_network(run.root, model)
+    full_task = _full_task_name(seen, task)
+    stock = method.stock_network(net, full_task)
+    # the task's own normalisation (without a task: the one every task shares, or a refusal)
+    plans = plans_for_images(run.root, full_task if stock is None else stock.task, seen)
+    if stock is None:
+        weights = method.network_for_task(net, full_task).state_dict()
+    else:
+        weights, djson = stock.weights, {**djson, "labels": stock.labels}
+        plans = {**plans, "dataset_name": stock.task}
+    expected = build_network(plans, exp.configuration, djson).state_dict()
+    if set(weights) != set(expected):
+        raise UserInputError(f"The model of method '{exp.method}' is not the network nnU-Net builds from the plans "
+                             f"(it has parts per task), and a stock nnU-Net model holds exactly that network. Export "
+                             f"one task's network with --task (one of {', '.join(run.read_tasks())}).")
+    wrong = [k for k in expected if tuple(expected[k].shape) != tuple(weights[k].shape)]
+    if wrong:
+        raise UserInputError(f"The network of method '{exp.method}'{f' for {full_task}' if full_task else ''} does "
+                             f"not fit nnU-Net's network for the plans and its {len(djson['labels'])} labels "
+                             f"({len(wrong)} weight(s) of another shape, e.g. '{wrong[0]}'), so it cannot be "
+                             f"exported as a stock nnU-Net model. Use 'lifelong-nnunet predict' with the run.")
     patch = plans["configurations"][exp.configuration]["patch_size"]
     checkpoint = {
-        "network_weights": weights,
+        "network_weights": {k: weights[k] for k in expected},
         "optimizer_state": None,
         "grad_scaler_state": None,
         "logging": {},
@@ -212,8 +222,9 @@ def export_model_folder(run_dir: Path, output: Path, task: str | None = None) ->
         "trainer_name": "nnUNetTrainer",
         "inference_allowed_mirroring_axes": tuple(range(len(patch))),
     }
-    folder = NnunetModelFolder(output)
-    write_json(folder.dataset_json, djson)
-    write_json(folder.plans, plans)
-    atomic_write(folder.checkpoint(0), lambda tmp: torch.save(checkpoint, tmp))
+    with atomic_directory(output) as tmp:
+        folder = NnunetModelFolder(tmp)
+        write_json(folder.dataset_json, djson)
+        write_json(folder.plans, plans)
+        atomic_write(folder.checkpoint(0), lambda path: torch.save(checkpoint, path))
     return output

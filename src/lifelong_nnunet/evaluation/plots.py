@@ -38,10 +38,11 @@ def plot_result_matrix(
     value_label: str = "mean foreground Dice",
     vmax: float | None = 1.0,
     higher_is_better: bool = True,
-) -> None:
+) -> Figure:
     """Heatmap of R (rows = stages, columns = tasks); each cell shows its value, NaN (not evaluated) cells are
     grey. The scale is fixed to 0..``vmax`` so runs compare by eye (``vmax=None``: the largest value, for a
-    metric in mm); for a lower-is-better metric the colour map is reversed, so bright always means good."""
+    metric in mm); for a lower-is-better metric the colour map is reversed, so bright always means good. Returns the
+    figure (its layout can be inspected)."""
     values = R.to_numpy(dtype=float)
     labels = row_labels if row_labels is not None else _default_row_labels(R)
     n_rows, n_cols = values.shape
@@ -64,6 +65,7 @@ def plot_result_matrix(
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label=value_label)
     _save(fig, path)
+    return fig
 
 
 @_default_style
@@ -145,5 +147,53 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
+def fit_titles(fig: Figure) -> Figure:
+    """Break every title (axes titles, and the suptitles of the figure and its subfigures) at spaces so that it lies
+    inside the figure; returns ``fig``.
+
+    Matplotlib neither shrinks nor wraps a title to its figure (constrained layout makes room above a title, never
+    beside it), so a centred title wider than the figure is cut at both edges. The widths are the laid-out ones:
+    the figure is laid out first, and once more after wrapping (taller titles move the axes, never their centres
+    sideways by much). A title centred at ``x`` may be ``2 * min(x - left, right - x)`` wide."""
+    for _ in range(2):
+        fig.draw_without_rendering()
+        renderer, box = fig.canvas.get_renderer(), fig.bbox
+        for text, centre in _titles(fig):
+            room = 0.96 * 2 * min(centre - box.x0, box.x1 - centre)
+            text.set_text(_wrapped(text.get_text(), text, room, renderer))
+    return fig
+
+
+def _titles(fig: Figure):
+    """(title, the x of its centre in pixels) for every non-empty title of ``fig``, its subfigures and axes."""
+    figures, queue = [], [fig]
+    while queue:
+        figures.append(queue.pop())
+        queue += figures[-1].subfigs
+    for f in figures:
+        if f._suptitle is not None and f._suptitle.get_text():  # matplotlib has no public handle on the suptitle
+            yield f._suptitle, f.bbox.x0 + f._suptitle.get_position()[0] * f.bbox.width
+    for ax in fig.get_axes():
+        if ax.get_visible() and ax.title.get_text():
+            yield ax.title, ax.bbox.x0 + ax.bbox.width / 2
+
+
+def _wrapped(text: str, artist, width: float, renderer) -> str:
+    """``text`` (its line breaks dropped) in greedy lines of at most ``width`` pixels in ``artist``'s font."""
+    font = artist.get_fontproperties()
+
+    def fits(line: str) -> bool:
+        return renderer.get_text_width_height_descent(line, font, ismath=False)[0] <= width
+
+    lines: list[str] = []
+    for word in text.replace("\n", " ").split():
+        if lines and fits(f"{lines[-1]} {word}"):
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
 def _save(fig: Figure, path: str | os.PathLike) -> None:
+    fit_titles(fig)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

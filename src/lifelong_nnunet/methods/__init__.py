@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PluginContractError, UserInputError
-from .base import Method, Stage, StageState, TrainerView
+from .base import Method, Stage, StageState, StockNetwork, TrainerView
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..labels import LabelSpace
 
-__all__ = ["Method", "Stage", "StageState", "TrainerView", "available_methods", "create_method", "registered_methods"]
+__all__ = ["Method", "Stage", "StageState", "StockNetwork", "TrainerView", "available_methods", "create_method",
+           "registered_methods"]
 
 _REGISTERED: dict[str, type[Method]] = {}  # methods defined outside this package, see `registered_methods`
 

@@ -80,6 +80,21 @@ class StageState:
     annotated_classes: tuple[int, ...] | None = None
 
 
+@dataclass(frozen=True)
+class StockNetwork:
+    """One task's part of a method's network as nnU-Net's own network, for `export` (`Method.stock_network`).
+
+    - ``weights``: a ``state_dict`` in the layout of the network nnU-Net builds from the run's plans (PlainConvUNet,
+      with its duplicated ``decoder.encoder.*`` keys); `export` checks every key and shape against that network;
+    - ``labels``: nnU-Net's ``labels`` entry for it (name -> output channel, which is the label value the exported
+      model writes), background 0 included;
+    - ``task``: the task whose structures it segments (the exported plans name it as their dataset).
+    """
+    weights: dict[str, torch.Tensor]
+    labels: dict[str, int]
+    task: str
+
+
 @runtime_checkable
 class TrainerView(Protocol):
     """Exactly what a method may read or call on the trainer its hooks receive (`nnunet.trainer.ContinualTrainer`
@@ -136,6 +151,11 @@ class TrainerView(Protocol):
 
     def print_to_log_file(self, *args: Any) -> None:
         """Append a line to the stage's nnU-Net training log."""
+
+    def progress(self, description: str, total: int) -> Callable[[], None]:
+        """A progress bar for a long step of the method's own (an importance pass, a student's distillation), shown
+        on the run's display under the stage's epoch bar and silent when the run is quiet: ``total`` units, and the
+        returned ``advance()`` is called once per unit done."""
 
 
 class Method:
@@ -259,6 +279,15 @@ class Method:
     def network_for_task(self, network: torch.nn.Module, task: str | None) -> torch.nn.Module:
         """The module that segments ``task`` (e.g. with that task's head). ``None``: the method chooses."""
         return network
+
+    def stock_network(self, network: torch.nn.Module, task: str | None) -> StockNetwork | None:
+        """For ``export``: ``task``'s part of ``network`` as nnU-Net's own network with its own labels, for a method
+        whose network is not one (``task`` is a full task name, or ``None`` when the user named none). Raise
+        `UserInputError` when that part cannot be a stock network faithfully; never return another network.
+
+        Default ``None``: ``network_for_task(network, task)`` is nnU-Net's network as it is, exported with the
+        run's labels (export refuses it when its weights do not fit nnU-Net's network)."""
+        return None
 
     def choose_task(self, network: torch.nn.Module, segment_with: Callable[[torch.nn.Module], Any],
                     tasks: Sequence[str]) -> str | None:

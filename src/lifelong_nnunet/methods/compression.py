@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..console import no_progress
 from ..networks.encoder_decoders import CompactDecoder, parameter_count
 from .distillation import as_list, softened_kl, weighted_over_outputs
 
@@ -65,10 +66,11 @@ def evaluate_decoder(encoder: nn.Module, decoder: nn.Module, batches: Sequence[d
 
 def distil_decoder(encoder: nn.Module, teacher: nn.Module, student: nn.Module, batches: Callable[[], dict],
                    task_loss: Callable, iterations: int, lr: float, temperature: float, kd_weight: float,
-                   device: torch.device) -> list[float]:
+                   device: torch.device, on_step: Callable[[], None] = lambda: None) -> list[float]:
     """Train ``student`` on the frozen encoder's features: nnU-Net's task loss + kd_weight * T^2 * KL(teacher_T ||
     student_T) summed over the deep-supervision outputs with nnU-Net's weights. SGD with nnU-Net's settings
-    (Nesterov momentum 0.99, weight decay 3e-5, poly learning rate, gradient clipping at 12). Returns the losses."""
+    (Nesterov momentum 0.99, weight decay 3e-5, poly learning rate, gradient clipping at 12). ``on_step()`` after
+    every iteration (a progress bar). Returns the losses."""
     optimizer = torch.optim.SGD(student.parameters(), lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
     teacher.eval()
     student.train()
@@ -94,6 +96,7 @@ def distil_decoder(encoder: nn.Module, teacher: nn.Module, student: nn.Module, b
         torch.nn.utils.clip_grad_norm_(student.parameters(), 12)
         optimizer.step()
         losses.append(float(loss.detach()))
+        on_step()
     return losses
 
 
@@ -132,11 +135,14 @@ class StudentSearch:
 
 def search_student(encoder: nn.Module, teacher: nn.Module, num_classes: int, search: StudentSearch,
                    val_batches: Sequence[dict], train_batches: Callable[[], dict], task_loss: Callable,
-                   device: torch.device, seed: Callable[[int], None], log: Callable[[str], None] = lambda s: None):
+                   device: torch.device, seed: Callable[[int], None], log: Callable[[str], None] = lambda s: None,
+                   progress: Callable[[str, int], Callable[[], None]] = no_progress):
     """The smallest candidate within ``search.tolerance`` Dice of the teacher, distilled on ``train_batches()`` and
-    judged on ``val_batches``; ``seed(i)`` is called before candidate ``i`` is built. Returns a `SearchResult`; its
-    ``student`` is None (keep the teacher) when no candidate fits the size budget or comes within the tolerance, or
-    when the validation patches hold none of the task's structures (a Dice that cannot judge a student)."""
+    judged on ``val_batches``; ``seed(i)`` is called before candidate ``i`` is built, and each candidate's
+    distillation gets a bar from ``progress(description, iterations)`` (`TrainerView.progress`). Returns a
+    `SearchResult`; its ``student`` is None (keep the teacher) when no candidate fits the size budget or comes within
+    the tolerance, or when the validation patches hold none of the task's structures (a Dice that cannot judge a
+    student)."""
     teacher_dice = evaluate_decoder(encoder, teacher, val_batches, num_classes, device)
     grid = candidates(encoder, num_classes, search.widths, search.convs, search.max_parameters)
     if np.isnan(teacher_dice):
@@ -148,8 +154,10 @@ def search_student(encoder: nn.Module, teacher: nn.Module, num_classes: int, sea
     for i, cand in enumerate(grid):
         seed(i)
         student = CompactDecoder(encoder, num_classes, cand.width, cand.n_conv, search.deep_supervision).to(device)
+        bar = progress(f"student {i + 1}/{len(grid)} (width {cand.width:g} x{cand.n_conv} conv) distillation",
+                       search.iterations)
         distil_decoder(encoder, teacher, student, train_batches, task_loss, search.iterations, search.lr,
-                       search.temperature, search.kd_weight, device)
+                       search.temperature, search.kd_weight, device, on_step=bar)
         cand.dice = evaluate_decoder(encoder, student, val_batches, num_classes, device)
         cand.accepted = bool(cand.dice >= teacher_dice - search.tolerance)
         tried.append(cand)

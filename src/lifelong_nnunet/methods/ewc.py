@@ -35,7 +35,8 @@ class EWC(QuadraticMethod):
 
     def fisher(self, trainer: TrainerView) -> dict:
         """Empirical Fisher of the finished task: mean squared per-sample gradient of trainer.loss."""
-        return gradient_importance(trainer, self.config["fisher_batches"], trainer.loss, transform="square")
+        return gradient_importance(trainer, self.config["fisher_batches"], trainer.loss, transform="square",
+                                   description="EWC Fisher")
 
     def after_stage(self, trainer: TrainerView, stage: Stage) -> None:
         fisher, anchor = self.fisher(trainer), snapshot(trainer.network)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..errors import UserInputError
 from ..io_utils import write_json
 from ..networks.encoder_decoders import (
     CompactDecoder,
@@ -30,7 +31,7 @@ from ..networks.merge import fit_temperature
 from ..networks.multihead import unwrap
 from ..networks.output_head import resize_output
 from ..seeding import seed_everything
-from .base import Method, Stage
+from .base import Method, Stage, StockNetwork
 from .compression import StudentSearch, search_student, validation_logits
 from .params import Param, flag, integer, number, numbers
 
@@ -109,6 +110,35 @@ class FrozenEncoderDecoders(Method):
             network.active = None
         return network
 
+    def stock_network(self, network: torch.nn.Module, task: str | None) -> StockNetwork | None:
+        """The encoder and ``task``'s decoder as nnU-Net's own U-Net, predicting the task's own label values.
+
+        That is the task's decoder alone: nnU-Net's argmax over (background, the task's structures), without the
+        merge (no other decoder competes for a voxel, and no ``min_confidence`` threshold; the calibration
+        temperature does not change an argmax). The first task's decoder is nnU-Net's decoder and later full-size
+        ones are copies of it, so their weights fit stock nnU-Net's network exactly. A compressed student does not
+        (its stages are narrower than the plans' features): refused, since any stock network in its place would be
+        another model. No ``task``: None, and `export` refuses the merged model, which no stock network can be."""
+        network = unwrap(network)
+        if task is None or not isinstance(network, EncoderDecoders):
+            return None
+        decoder = network.decoder(task).decoder
+        if isinstance(decoder, CompactDecoder):
+            full = [t for t in network.tasks if not isinstance(network.decoder(t).decoder, CompactDecoder)]
+            raise UserInputError(
+                f"Task {task}'s decoder was compressed into a student ({decoder.width:g} x the encoder's features, "
+                f"{decoder.n_conv} convolution(s) per stage), narrower than the decoder nnU-Net builds from the plans, "
+                f"so a stock nnU-Net model cannot hold it, and exporting another network in its place would not be "
+                f"this model. Export a task whose decoder is full size ({', '.join(full)}), use 'lifelong-nnunet "
+                f"predict' for the merged model, or train with the method parameter compress: false to keep every "
+                f"decoder exportable.")
+        encoder = network.encoder.state_dict()
+        weights = {**{f"encoder.{k}": v for k, v in encoder.items()},
+                   **{f"decoder.encoder.{k}": v for k, v in encoder.items()},  # nnU-Net's decoder keeps the encoder
+                   **{f"decoder.{k}": v for k, v in decoder.state_dict().items()}}
+        labels = dict(sorted(self.labels.task_labels[task].items(), key=lambda kv: kv[1]))
+        return StockNetwork(weights, labels, task)
+
     def training_label_map(self, task: str) -> None:
         return None  # each decoder learns its task's own (local) labels
 
@@ -144,7 +174,7 @@ class FrozenEncoderDecoders(Method):
             found = search_student(
                 net.encoder, full.decoder, self._num_local(task), search, val, lambda: next(train_batches),
                 trainer.loss, device, seed=lambda i: seed_everything(trainer.seed, stage.index, 1000 + i),
-                log=lambda s: trainer.print_to_log_file(s))
+                log=lambda s: trainer.print_to_log_file(s), progress=trainer.progress)
             record.update(teacher_dice=found.teacher_dice, candidates=found.tried, base_parameters=base,
                           kept_teacher=found.kept_teacher)
             if found.student is not None:

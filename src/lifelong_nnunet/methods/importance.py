@@ -76,8 +76,9 @@ def highest_resolution(output: Any) -> torch.Tensor:
 
 # ---- importance from gradients ----------------------------------------------------------------------------------
 def gradient_importance(trainer: TrainerView, n_batches: int, objective: Callable[[Any, Any], torch.Tensor],
-                        transform: str = "square") -> Tensors:
-    """Mean over all samples of ``n_batches`` training batches of ``transform(d objective / d theta)``.
+                        transform: str = "square", description: str = "importance") -> Tensors:
+    """Mean over all samples of ``n_batches`` training batches of ``transform(d objective / d theta)``, with a
+    progress bar ``description`` over the batches (one backward pass per sample: minutes on a CPU).
 
     ``objective(output, target)`` is evaluated per sample (batch split along dim 0; nnU-Net's InstanceNorm is
     per sample, so the outputs equal the batched ones) so that signs cannot cancel between samples: this is the
@@ -94,6 +95,7 @@ def gradient_importance(trainer: TrainerView, n_batches: int, objective: Callabl
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     count = 0
     was_training = network.training
+    advance = trainer.progress(f"{description} batches", n_batches)
     network.eval()
     try:
         with torch.enable_grad():
@@ -107,6 +109,7 @@ def gradient_importance(trainer: TrainerView, n_batches: int, objective: Callabl
                         if g is not None:
                             a.add_(g.float().square() if transform == "square" else g.float().abs())
                     count += 1
+                advance()
     finally:
         network.train(was_training)
     if count == 0:

@@ -34,7 +34,7 @@ class MAS(QuadraticMethod):
 
     def importance(self, trainer: TrainerView) -> dict:
         return gradient_importance(trainer, self.config["importance_batches"], output_sensitivity_objective,
-                                   transform="abs")
+                                   transform="abs", description="MAS importance")
 
     def after_stage(self, trainer: TrainerView, stage: Stage) -> None:
         omega, anchor = self.importance(trainer), snapshot(trainer.network)

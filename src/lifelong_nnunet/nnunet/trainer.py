@@ -25,6 +25,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
+from ..console import no_progress
 from ..io_utils import atomic_write
 from ..methods.base import Method, Stage, StageState
 from ..seeding import seed_everything
@@ -82,7 +83,11 @@ class ContinualTrainer(nnUNetTrainer):
                   iterations_per_epoch: int, val_iterations: int, initial_lr: float, seed: int,
                   batch_size: int | None = None,
                   on_epoch: Callable[[int, int, dict], None] | None = None,
-                  on_iteration: Callable[[float], None] | None = None) -> None:
+                  on_iteration: Callable[[float], None] | None = None,
+                  progress: Callable[[str, int], Callable[[], None]] | None = None) -> None:
+        """``on_epoch(epoch, total, stats)`` after each epoch, ``on_iteration(loss)`` after each training step;
+        ``progress(description, total)`` opens a progress bar for a method's long step and returns its
+        ``advance()`` (see `TrainerView.progress`; none: no bar)."""
         self.sources = sources
         self.method = method
         self._stage_state = stage_state
@@ -93,6 +98,7 @@ class ContinualTrainer(nnUNetTrainer):
         self.seed = seed
         self.on_epoch = on_epoch
         self.on_iteration = on_iteration  # called after every training step with its loss (progress per iteration)
+        self._progress = progress
         self.save_every = 1
         # class scenario: per task, local label value -> training target (global ID); see `map_targets`
         self.target_luts = {s.task: torch.tensor(lut) for s in sources
@@ -118,6 +124,9 @@ class ContinualTrainer(nnUNetTrainer):
     @property
     def ignore_label(self) -> int | None:
         return self.label_manager.ignore_label
+
+    def progress(self, description: str, total: int) -> Callable[[], None]:
+        return (self._progress or no_progress)(description, total)
 
     # ---- data ----------------------------------------------------------------------------------------------
     def get_tr_and_val_datasets(self):

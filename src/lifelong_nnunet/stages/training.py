@@ -66,9 +66,10 @@ class StageTraining:
         return self.ctx.workspace.env(results=self.ctx.run.nnunet_results(stage.index),
                                       nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0"))
 
-    def build_stage_trainer(self, stage: Stage, epochs: int, on_epoch=None, on_iteration=None):
+    def build_stage_trainer(self, stage: Stage, epochs: int, on_epoch=None, on_iteration=None, progress=None):
         """A trainer ready for the stage's first epoch: the method's network with the starting weights loaded
-        and ``before_stage`` called. Call inside ``stage_env(stage)``."""
+        and ``before_stage`` called; ``on_epoch`` and ``progress`` as in `ContinualTrainer.configure`. Call inside
+        ``stage_env(stage)``."""
         from ..nnunet.trainer import build_trainer
         ctx = self.ctx
         exp, t = ctx.exp, ctx.exp.training
@@ -81,7 +82,7 @@ class StageTraining:
             trainer.configure(sources=self.sources(stage), method=ctx.method, stage_state=state, epochs=epochs,
                               iterations_per_epoch=stage_iterations(stage, t), val_iterations=t.val_iterations,
                               initial_lr=t.initial_lr, seed=exp.seed, batch_size=t.batch_size, on_epoch=on_epoch,
-                              on_iteration=on_iteration)
+                              on_iteration=on_iteration, progress=progress)
             trainer.initialize()
             # seeded before the method adapts the network: parts it adds (new output channels, heads) are then the
             # same whatever ran before in this process (an uninterrupted run, a resumed one, or `extend`)
@@ -122,8 +123,13 @@ class StageTraining:
                 if warning:
                     ctx.log(warning)
 
+            def step_bar(description: str, total: int):
+                """A method's long step (an importance pass, a distillation): one more bar on the stage's display."""
+                step = bar.add_task(f"Stage {stage.index} {description}", total=total, info="")
+                return lambda: bar.advance(step)
+
             with self.stage_env(stage):
-                trainer = self.build_stage_trainer(stage, epochs, on_epoch, on_iteration)
+                trainer = self.build_stage_trainer(stage, epochs, on_epoch, on_iteration, step_bar)
                 resume_from = trainer.resume_checkpoint()
                 if resume_from is not None:
                     trainer.load_checkpoint(str(resume_from))

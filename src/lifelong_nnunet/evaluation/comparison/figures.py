@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from ...errors import UserInputError
 from ...io_utils import atomic_write
 from ...names import short_task_name
-from ..plots import new_figure
+from ..plots import fit_titles, new_figure
 from .load import SweepRun, load_runs, load_sweep, runs_frame
 from .tables import TABLE_COLUMNS, mean_std, method_table
 
@@ -51,6 +51,7 @@ def render_summary_png(sweep_dir: str | os.PathLike, out_png: str | os.PathLike,
         draw_table(top, table)
         draw_heatmaps(mid, views)
         draw_ordering(bottom, views)
+        fit_titles(fig)
         atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     return Path(out_png)
 
@@ -132,12 +133,20 @@ def _ordinal(k: int) -> str:
     return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
 
 
-def png(draw, views: Views) -> str:
-    """Draw into a new figure with matplotlib's default style (nnU-Net changes the global one) -> base64 PNG."""
+def render(draw, views: Views) -> Figure:
+    """``draw(fig, views)`` into a new figure with matplotlib's default style (nnU-Net changes the global one), its
+    titles fitted inside it (`plots.fit_titles`)."""
     with matplotlib.style.context("default"):
         fig = new_figure(1, 1)
         draw(fig, views)
-        buffer = io.BytesIO()
+        return fit_titles(fig)
+
+
+def png(draw, views: Views) -> str:
+    """`render` -> base64 PNG."""
+    fig = render(draw, views)
+    buffer = io.BytesIO()
+    with matplotlib.style.context("default"):
         fig.savefig(buffer, format="png", dpi=100)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
