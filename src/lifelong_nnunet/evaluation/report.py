@@ -15,6 +15,7 @@ from .metrics import metric_spec
 
 UNDEFINED = "—"
 NOT_EVALUATED = "not evaluated (test data absent)"
+NOT_RECORDED = "not recorded"  # a cost measured only by runs since resources.json exists
 
 # (summary key, heading, one-line meaning with {m} for the metric's name), in the order the tables show them.
 CONTINUAL_METRICS = [
@@ -117,9 +118,6 @@ def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], image
     lines += _history(summary.get("history") or [])
     lines += _images(images)
     return "\n".join(lines) + "\n"
-
-
-NOT_RECORDED = "not recorded"
 
 
 def _warnings(warnings: list[str]) -> list[str]:
@@ -257,25 +255,43 @@ def _history(history: list[dict]) -> list[str]:
                           rows)
 
 
-def render_comparison_markdown(rows: dict[str, dict], images: dict[str, str]) -> str:
-    """Method x metric table over several runs (e.g. sequential, joint, separate), with per-task final scores
-    of the runs' headline metric (``metric`` of the summaries, Dice when absent)."""
+def comparison_table(rows: dict[str, dict], first_column: str = "method") -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the runs-side-by-side table: the continual metrics of the runs' headline metric
+    (``metric`` of the summaries, Dice when absent), each task's final score, and the recorded wall time (training
+    plus evaluation; "not recorded" for runs from before it was, or marked partial). Shared by the markdown and
+    the terminal view, so the two never disagree."""
     tasks: list[str] = []
     for summary in rows.values():
         tasks += [t for t in summary.get("tasks", []) if t not in tasks]
     metric = next((s["metric"] for s in rows.values() if s.get("metric")), "dice")
     meanings = _meanings(metric, metric_spec(metric).higher_is_better)
-    header = ["method"] + [heading for _, heading, _ in meanings] + [f"final {t}" for t in tasks]
+    header = [first_column] + [heading for _, heading, _ in meanings] + [f"final {t}" for t in tasks] + ["wall time"]
     body = []
     for name, summary in rows.items():
         per_task = dict(zip(summary.get("tasks", []), summary.get("final_per_task") or []))
+        resources = summary.get("resources") or {}
+        wall = _seconds(resources.get("wall_seconds"))
+        if resources.get("wall_seconds") is not None and resources.get("not_recorded"):
+            wall += " (partly not recorded)"
         body.append(
             [name]
             + [_fmt(summary.get(key)) for key, _, _ in meanings]
             + [_fmt(per_task.get(t)) for t in tasks]
+            + [wall]
         )
-    lines = ["# Method comparison", ""] + _table(header, body)
+    return header, body
+
+
+def render_comparison_markdown(rows: dict[str, dict], images: dict[str, str], title: str = "Method comparison",
+                               first_column: str = "method") -> str:
+    """Method x metric table over several runs (e.g. sequential, joint, separate): ``comparison_table`` and what
+    its metrics mean."""
+    metric = next((s["metric"] for s in rows.values() if s.get("metric")), "dice")
+    meanings = _meanings(metric, metric_spec(metric).higher_is_better)
+    header, body = comparison_table(rows, first_column)
+    lines = [f"# {title}", ""] + _table(header, body)
     lines += ["", "Metrics:", ""] + [f"- **{heading}**: {meaning}." for _, heading, meaning in meanings]
+    lines += ["- **wall time**: training plus evaluation, every recorded session added up."]
     lines += _images(images)
     return "\n".join(lines) + "\n"
 

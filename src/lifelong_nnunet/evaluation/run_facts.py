@@ -19,6 +19,9 @@ from ..tasks import task_from_record, validation_split
 # The metric the "learned nothing" check reads: overlap with the reference, where the untrained model's chance
 # overlap is the floor a trained stage must beat.
 LEARNED_NOTHING_METRIC = "dice"
+# Means of the same scores summed in another order differ by rounding (1e-16); a stage that beats the untrained
+# model by less than this learned nothing either.
+DICE_TIE = 1e-9
 
 
 def resources(run: RunFolder, schedule: list[Stage]) -> dict:
@@ -138,7 +141,7 @@ def learned_nothing(results: pd.DataFrame, tasks: list[str], schedule: list[Stag
         for task in s.train_tasks:
             if (s.index, task) in cell.index and (0, task) in cell.index:
                 after, before = float(cell[(s.index, task)]), float(cell[(0, task)])
-                if after <= before:
+                if after <= before + DICE_TIE:
                     stages.append({"stage": s.index, "task": task, "dice": after, "untrained_dice": before})
     trained = dice[dice["stage"] > 0]
     best = trained.groupby(["eval_task", "label"], sort=False)["value"].max()

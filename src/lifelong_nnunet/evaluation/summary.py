@@ -130,20 +130,28 @@ def check_reference(run: RunFolder, ref: RunFolder, role: str) -> None:
     """A reference (`separate`, `joint`) is only a reference when it learned the same tasks in the same scenario and
     was scored on the same test cases; anything else would give a gap that means nothing. A UserInputError says
     which of the three differs."""
-    ref.require_finished()
-    mine, theirs = run.read_splits(), ref.read_splits()
-    fix = f"Give as --{role} a finished run on the same task folders (same test split: the same seed and split)."
+    check_comparable(run, ref, f"The {role} reference",
+                     f"Give as --{role} a finished run on the same task folders (same test split: the same seed and "
+                     f"split).")
+
+
+def check_comparable(run: RunFolder, other: RunFolder, other_is: str, fix: str) -> None:
+    """Refuse to set ``other`` against ``run`` unless both learned the same tasks (in any order) in the same
+    scenario and were scored on the same test cases. ``other_is`` begins the message ("The joint reference"),
+    ``fix`` ends it."""
+    other.require_finished()
+    mine, theirs = run.read_splits(), other.read_splits()
     if sorted(mine) != sorted(theirs):
-        raise UserInputError(f"The {role} reference {ref.root} learned {', '.join(theirs)}, but the run {run.root} "
+        raise UserInputError(f"{other_is} {other.root} learned {', '.join(theirs)}, but the run {run.root} "
                              f"learned {', '.join(mine)}. {fix}")
-    scenarios = run.read_experiment().scenario, ref.read_experiment().scenario
+    scenarios = run.read_experiment().scenario, other.read_experiment().scenario
     if scenarios[0] != scenarios[1]:
-        raise UserInputError(f"The {role} reference {ref.root} is a {scenarios[1]}-scenario run, the run {run.root} "
+        raise UserInputError(f"{other_is} {other.root} is a {scenarios[1]}-scenario run, the run {run.root} "
                              f"a {scenarios[0]}-scenario one. {fix}")
     for task, cases in mine.items():
         if sorted(cases) != sorted(theirs[task]):
-            raise UserInputError(f"The {role} reference {ref.root} tested {task} on other cases than the run "
-                                 f"{run.root} ({ref.splits} against {run.splits}). {fix}")
+            raise UserInputError(f"{other_is} {other.root} tested {task} on other cases than the run "
+                                 f"{run.root} ({other.splits} against {run.splits}). {fix}")
 
 
 def write_summary_and_report(run_dir: Path, references: dict[str, Path] | None = None,
