@@ -89,6 +89,20 @@ def test_a_resumed_stage_adds_up_its_sessions_and_the_missing_parts_are_named(tm
     assert json.loads(run.summary.read_text())["resources"] == res
 
 
+def test_a_stage_imported_from_a_stock_model_is_not_counted_as_unrecorded_training(tmp_path):
+    run = make_run(tmp_path / "run", learned_everything())
+    save_model(run.model(1), {"w": torch.zeros(2)}, {}, {"stage": 1, "trained_on": [TASKS[0]],
+                                                          "imported_from": "/models/fold_0/checkpoint_final.pth"})
+    for index in (0, 1, 2):
+        session(run, index, "evaluate", 2.0, 10.0, f"e{index}")
+    session(run, 2, "train", 20.0, 10.0, "t2")
+    summary = write_summary_and_report(run.root)
+    assert summary["resources"]["not_recorded"] == [] and summary["resources"]["wall_seconds"] == 26.0
+    report = run.report.read_text()
+    assert "stage 1: imported (trained elsewhere), stage 2: 3 x 20" in report
+    assert "| 1 | 1 | imported | 2 s | 10 MiB | — |" in report
+
+
 def test_a_session_updates_its_own_entry_and_counts_every_earlier_one(tmp_path):
     run = RunFolder(tmp_path)
     session(run, 1, "train", 40.0, 100.0, "killed earlier")

@@ -148,7 +148,9 @@ def _run_section(summary: dict) -> list[str]:
         return []
     lines = ["## Run", ""]
     if budget:
-        per_stage = ", ".join(f"stage {b['stage']}: {b.get('epochs') or '?'} x {b.get('iterations_per_epoch') or '?'}"
+        per_stage = ", ".join(f"stage {b['stage']}: " + ("imported (trained elsewhere)" if b.get("imported") else
+                                                         f"{b.get('epochs') or '?'} x "
+                                                         f"{b.get('iterations_per_epoch') or '?'}")
                               for b in budget["stages"])
         batch = NOT_RECORDED if budget.get("batch_size") is None else str(budget["batch_size"])
         if budget.get("batch_size_from") == "nnU-Net plans":
@@ -177,7 +179,8 @@ def _run_section(summary: dict) -> list[str]:
                   "several). Peak resident memory is the process's peak so far (it never falls).", ""]
         lines += _table(["stage", "sessions", "training", "evaluation", "peak resident", "peak GPU"],
                         [[str(e["stage"]), str(e.get("sessions", 0)),
-                          "none (untrained)" if e["stage"] == 0 else _seconds(e.get("train_seconds")),
+                          "none (untrained)" if e["stage"] == 0 else "imported" if e.get("imported") else
+                          _seconds(e.get("train_seconds")),
                           _seconds(e.get("evaluate_seconds")), _mib(e.get("peak_rss_mb")),
                           UNDEFINED if e.get("peak_gpu_mb") is None else _mib(e["peak_gpu_mb"])] for e in stages])
         lines += [""]

@@ -24,21 +24,27 @@ LEARNED_NOTHING_METRIC = "dice"
 DICE_TIE = 1e-9
 
 
-def resources(run: RunFolder, schedule: list[Stage]) -> dict:
+def imported_stages(infos: dict[int, dict]) -> set[int]:
+    """Stages whose model was imported from a stock nnU-Net model (`--start-from`): trained elsewhere, not here."""
+    return {index for index, info in infos.items() if info.get("imported_from")}
+
+
+def resources(run: RunFolder, schedule: list[Stage], imported: set[int] = frozenset()) -> dict:
     """Wall time and peak memory per stage (stage 0 included: it is evaluated), summed over every recorded session.
 
     Per stage: ``train_seconds`` (None for stage 0, which trains nothing, and where not recorded),
-    ``evaluate_seconds``, ``sessions``, ``peak_rss_mb``, ``peak_gpu_mb`` (CUDA only), ``devices``. Totals:
+    ``evaluate_seconds``, ``sessions``, ``peak_rss_mb``, ``peak_gpu_mb`` (CUDA only), ``devices``; ``imported``
+    stages were trained elsewhere, so their training is neither counted nor missing. Totals:
     ``wall_seconds`` = recorded training + evaluation time, and ``not_recorded``, the parts of the run that have no
     record (their time is not in the total), so a partial total is never shown as the whole."""
     stages, missing = [], []
     for index in [0, *(s.index for s in schedule)]:
         sessions = run.read_sessions(index) or []
-        entry = {"stage": index, "sessions": len(sessions)}
+        entry = {"stage": index, "sessions": len(sessions), "imported": index in imported}
         for phase, key in (("train", "train_seconds"), ("evaluate", "evaluate_seconds")):
             times = [s["seconds"] for s in sessions if s["phase"] == phase]
             entry[key] = sum(times) if times else None
-            if not times and not (index == 0 and phase == "train"):
+            if not times and not (phase == "train" and (index == 0 or index in imported)):
                 missing.append(f"stage {index} {'training' if phase == 'train' else 'evaluation'}")
         entry["peak_rss_mb"] = max((s["peak_rss_mb"] for s in sessions), default=None)
         entry["peak_gpu_mb"] = max((s["peak_gpu_mb"] for s in sessions if s.get("peak_gpu_mb") is not None),
@@ -65,7 +71,8 @@ def budget(run: RunFolder, exp: Experiment, infos: dict[int, dict]) -> dict:
     return {"configuration": exp.configuration, "batch_size": batch, "batch_size_from": source,
             "requested_device": exp.device,
             "stages": [{"stage": index, "epochs": info.get("epochs"),
-                        "iterations_per_epoch": info.get("iterations_per_epoch")}
+                        "iterations_per_epoch": info.get("iterations_per_epoch"),
+                        "imported": bool(info.get("imported_from"))}
                        for index, info in sorted(infos.items())]}
 
 

@@ -90,7 +90,7 @@ def run_facts(run: RunFolder, exp: Experiment, schedule: list, infos: dict[int, 
     n_stages = int(results["stage"].max()) + 1 if len(results) else 0
     nothing = facts.learned_nothing(results, tasks, schedule)
     return {"budget": facts.budget(run, exp, infos), "data": facts.data(run, exp),
-            "resources": facts.resources(run, schedule),
+            "resources": facts.resources(run, schedule, facts.imported_stages(infos)),
             "per_label_final": facts.per_label_final(results, metric,
                                                      facts.delivered_stages(schedule, tasks, n_stages)),
             "learned_nothing": nothing, "warnings": facts.warnings(nothing)}
