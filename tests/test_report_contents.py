@@ -85,7 +85,7 @@ def test_a_resumed_stage_adds_up_its_sessions_and_the_missing_parts_are_named(tm
             "20, stage 2: 3 x 20") in report
     assert "| Dataset911_Spine | 4 | 1 | 2 | spine_t0, spine_t1 |" in report
     assert summary["data"]["Dataset912_Lung"] == {"n_train": 4, "n_validation": 1, "n_test": 2,
-                                                  "test_cases": ["lung_t0", "lung_t1"]}
+                                                  "test_cases": ["lung_t0", "lung_t1"], "imported": False}
     assert json.loads(run.summary.read_text())["resources"] == res
 
 
@@ -101,6 +101,8 @@ def test_a_stage_imported_from_a_stock_model_is_not_counted_as_unrecorded_traini
     report = run.report.read_text()
     assert "stage 1: imported (trained elsewhere), stage 2: 3 x 20" in report
     assert "| 1 | 1 | imported | 2 s | 10 MiB | — |" in report
+    assert "| Dataset911_Spine | trained elsewhere | trained elsewhere | 2 | spine_t0, spine_t1 |" in report
+    assert summary["data"]["Dataset912_Lung"]["n_train"] == 4  # the task trained here keeps its counts
 
 
 def test_a_session_updates_its_own_entry_and_counts_every_earlier_one(tmp_path):

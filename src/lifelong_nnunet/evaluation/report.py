@@ -193,9 +193,10 @@ def _data_section(data: dict[str, dict]) -> list[str]:
         return []
     lines = ["## Data", "", "Training and validation cases are the task's own (validation: nnU-Net's per-epoch "
              "check, drawn from the training cases); the test cases are held out and scored after every stage.", ""]
-    count = lambda v: NOT_RECORDED if v is None else str(v)  # noqa: E731
+    def count(d: dict, key: str) -> str:
+        return "trained elsewhere" if d.get("imported") else NOT_RECORDED if d.get(key) is None else str(d[key])
     lines += _table(["task", "training", "validation", "test", "test cases"],
-                    [[task, count(d.get("n_train")), count(d.get("n_validation")), str(d.get("n_test", 0)),
+                    [[task, count(d, "n_train"), count(d, "n_validation"), str(d.get("n_test", 0)),
                       ", ".join(d.get("test_cases") or []) or UNDEFINED] for task, d in data.items()])
     return lines + [""]
 

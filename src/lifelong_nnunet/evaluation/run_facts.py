@@ -76,15 +76,17 @@ def budget(run: RunFolder, exp: Experiment, infos: dict[int, dict]) -> dict:
                        for index, info in sorted(infos.items())]}
 
 
-def data(run: RunFolder, exp: Experiment) -> dict[str, dict]:
+def data(run: RunFolder, exp: Experiment, imported_tasks: set[str] = frozenset()) -> dict[str, dict]:
     """Per task in training order: training, validation and test case counts and the test case IDs. The training
     and validation counts come from tasks.json (the cases each stage drew from) with the run's validation split;
-    a folder without tasks.json (format 1) has the test split only, and None for the other counts."""
+    a folder without tasks.json (format 1) has the test split only, and None for the other counts, as has a task
+    whose model was imported (``imported_tasks``: trained elsewhere, on data this run never saw)."""
     records = run.read_task_records() or {}
     out = {}
     for task, test_cases in run.read_splits().items():
-        entry = {"n_train": None, "n_validation": None, "n_test": len(test_cases), "test_cases": list(test_cases)}
-        if task in records:
+        entry = {"n_train": None, "n_validation": None, "n_test": len(test_cases), "test_cases": list(test_cases),
+                 "imported": task in imported_tasks}
+        if task in records and task not in imported_tasks:
             train, val = validation_split(task_from_record(records[task]), exp.validation_fraction, exp.seed)
             entry.update(n_train=len(train), n_validation=len(val))
         out[task] = entry

@@ -89,8 +89,10 @@ def run_facts(run: RunFolder, exp: Experiment, schedule: list, infos: dict[int, 
     ``warnings``."""
     n_stages = int(results["stage"].max()) + 1 if len(results) else 0
     nothing = facts.learned_nothing(results, tasks, schedule)
-    return {"budget": facts.budget(run, exp, infos), "data": facts.data(run, exp),
-            "resources": facts.resources(run, schedule, facts.imported_stages(infos)),
+    imported = facts.imported_stages(infos)
+    imported_tasks = {t for i in imported for t in infos[i].get("trained_on", [])}
+    return {"budget": facts.budget(run, exp, infos), "data": facts.data(run, exp, imported_tasks),
+            "resources": facts.resources(run, schedule, imported),
             "per_label_final": facts.per_label_final(results, metric,
                                                      facts.delivered_stages(schedule, tasks, n_stages)),
             "learned_nothing": nothing, "warnings": facts.warnings(nothing)}
