@@ -205,3 +205,18 @@ def test_compare_refuses_another_scenario_one_run_and_a_run_given_twice(tmp_path
     with pytest.raises(UserInputError, match="more than once"):
         compare_runs([a.root, tmp_path / "a"])
     assert run_names([tmp_path / "x" / "seq", tmp_path / "y" / "ewc"]) == ["seq", "ewc"]
+
+
+def test_on_cuda_a_session_records_the_gpu_peak_since_it_started(tmp_path, monkeypatch):
+    """The CUDA path without a GPU: torch's peak statistics are reset when a session starts (so each session's peak
+    is its own) and its peak allocation is stored in MiB, with the GPU's name as the device."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
+    run = RunFolder(tmp_path)
+    s = Session(run, 1, "train", torch.device("cuda", 0))
+    assert calls == ["reset"]
+    s.save()
+    entry = run.read_sessions(1)[0]
+    assert entry["peak_gpu_mb"] == 3072.0 and entry["device"] == "cuda:0 (NVIDIA H200)"

@@ -212,7 +212,7 @@ def report(
         "--metric", help="Headline metric of the report, the figures and summary.json's top-level keys: dice, iou, "
                          "nsd or hd95 (default: the spec's evaluation.report_metric).")] = None,
 ) -> None:
-    """Re-render summary.json, the figures and report.md from stored results (no retraining)."""
+    """Re-render summary.json, the figures, report.md and report_details.md from stored results (no retraining)."""
     from .evaluation.metrics import metric_spec
     from .evaluation.summary import write_summary_and_report
     from .run_folder import RunFolder
