@@ -128,7 +128,7 @@ def test_the_report_explains_stage_zero_and_shows_no_warning_when_every_stage_le
     assert "The row *before training* is the untrained model" in report and "not a result" in report
 
 
-def test_a_stage_at_or_below_the_untrained_model_and_a_structure_never_found_are_warned(tmp_path):
+def test_a_stage_at_or_below_the_untrained_model_and_a_structure_never_found_are_warned(tmp_path, cli_in_process):
     dice = learned_everything()
     dice.update({(2, "Dataset912_Lung", "lesion"): 0.2, (2, "Dataset912_Lung", "vessel"): 0.4})  # mean 0.3 == R[0]
     dice.update({(i, "Dataset911_Spine", "disc"): 0.0 for i in (1, 2)})  # never segmented after training
@@ -146,6 +146,8 @@ def test_a_stage_at_or_below_the_untrained_model_and_a_structure_never_found_are
     assert "Dataset911_Spine: 1 structure(s) scored Dice 0 in every test case after every stage: disc." in report
     # stage 1 trained the spine: 0.4 (mean of 0.8 and 0.0) beats the untrained 0.3, so no warning for stage 1
     assert "Stage 1 learned nothing" not in report
+    code, _, err = cli_in_process("report", run.root)  # and the terminal says it too
+    assert code == 0 and "Warning: Stage 2 learned nothing on Dataset912_Lung" in err
 
 
 def test_per_structure_table_and_the_details_page(tmp_path):

@@ -217,6 +217,8 @@ def report(
     from .evaluation.summary import write_summary_and_report
     from .run_folder import RunFolder
     summary = write_summary_and_report(run_dir, {"separate": separate, "joint": joint}, metric=metric)
+    for warning in summary["warnings"]:
+        console.print(f"[bold yellow]Warning:[/bold yellow] {warning}", soft_wrap=True)
     spec, value = metric_spec(summary["metric"]), summary["final_average"]
     shown = "undefined" if value is None else f"{value:.3f}" + (f" {spec.unit}" if spec.unit else "")
     console.print(f"Final average {spec.display} {shown}. Report: {RunFolder(run_dir).report}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import UserInputError
 from ..io_utils import write_text
 from ..run_folder import ComparisonFolder, RunFolder
+from .metrics import metric_spec
 from .plots import plot_method_comparison
 from .report import comparison_table, render_comparison_markdown
 from .summary import check_comparable, summarize
@@ -58,7 +59,9 @@ def compare_runs(run_dirs: list[Path], metric: str | None = None) -> dict[str, d
 def write_comparison(summaries: dict[str, dict], output: Path) -> ComparisonFolder:
     """comparison.md and comparison.png in ``output`` (created), each written atomically."""
     folder = ComparisonFolder(Path(output))
-    plot_method_comparison(summaries, folder.figure)
+    metric = next((s["metric"] for s in summaries.values() if s.get("metric")), "dice")
+    name = metric_spec(metric).display
+    plot_method_comparison(summaries, folder.figure, ylabel=f"{name} / {name} difference", title="Runs side by side")
     write_text(folder.report, render_comparison_markdown(summaries, {"Runs side by side": folder.relative(
         folder.figure)}, title="Run comparison", first_column="run"))
     return folder
