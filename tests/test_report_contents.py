@@ -115,6 +115,8 @@ def test_a_session_updates_its_own_entry_and_counts_every_earlier_one(tmp_path):
     assert len(sessions) == 2 and sessions[1]["session"] == s.id and sessions[1]["peak_gpu_mb"] is None
     assert sessions[1]["peak_rss_mb"] > 10  # this process holds torch: tens of MiB at least, so MiB, not KiB or B
     assert s.phase_seconds() == pytest.approx(40.0 + sessions[1]["seconds"])
+    Session(run, 1, "train", torch.device("cpu"), started=s.started).save()  # same process, same second: its own
+    assert len(run.read_sessions(1)) == 3
     assert run.read_sessions(2) is None  # never recorded
 
 

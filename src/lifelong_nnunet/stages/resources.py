@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -47,7 +48,8 @@ class Session:
 
     def __post_init__(self) -> None:
         stamp = datetime.fromtimestamp(self.started, timezone.utc).isoformat(timespec="seconds")
-        self.id = f"{stamp} pid {os.getpid()} {self.phase}"
+        # unique even for two sessions of one process started within a second (runs called in-process)
+        self.id = f"{stamp} pid {os.getpid()} {self.phase} {uuid.uuid4().hex[:8]}"
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
