@@ -3,7 +3,9 @@
 A summary is a flat dict: ``method``, ``tasks`` (in training order), optional ``title`` and ``scenario``,
 the keys of ``continual_metrics`` (``final_average``, ``final_per_task``, ``plasticity``, ``bwt``, ``fwt``,
 ``forgetting``, ``mean_forgetting``) for the headline ``metric`` (Dice when absent), optionally
-``by_metric`` (the same keys per scored metric) and ``reference_gaps`` (from ``reference_gaps``).
+``by_metric`` (the same keys per scored metric) and ``reference_gaps`` (from ``reference_gaps``), and optionally
+what the run was and cost (``warnings``, ``budget``, ``resources``, ``data``, ``per_label_final``: see
+``run_facts``). Every optional part is left out of the report when absent, so hand-made summaries still render.
 """
 from __future__ import annotations
 

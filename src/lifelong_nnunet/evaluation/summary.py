@@ -78,13 +78,13 @@ def summarize(run_dir: Path, metric: str | None = None) -> dict:
     summary["notes"] = list(dict.fromkeys(n for i in infos for n in i.get("notes", [])))  # each once, in order
     summary["by_metric"] = by_metric
     summary["history"] = run.read_history()
-    summary.update(run_facts(run, exp, schedule, by_stage, results, tasks, metric))
+    summary.update(run_description(run, exp, schedule, by_stage, results, tasks, metric))
     return summary
 
 
-def run_facts(run: RunFolder, exp: Experiment, schedule: list, infos: dict[int, dict], results: pd.DataFrame,
-              tasks: list[str], metric: str) -> dict:
-    """The summary keys that say what the run was and cost (see `run_facts`): ``budget``, ``data``,
+def run_description(run: RunFolder, exp: Experiment, schedule: list, infos: dict[int, dict],
+                    results: pd.DataFrame, tasks: list[str], metric: str) -> dict:
+    """The summary keys that say what the run was and cost (module `run_facts`): ``budget``, ``data``,
     ``resources``, ``per_label_final`` (the delivered model's ``metric`` per label), ``learned_nothing`` and its
     ``warnings``."""
     n_stages = int(results["stage"].max()) + 1 if len(results) else 0

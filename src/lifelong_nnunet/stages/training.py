@@ -12,7 +12,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-
 from ..console import RunLog, progress_bar, silenced_stdout
 from ..io_utils import atomic_write
 from ..methods import Stage, StageState
