@@ -226,7 +226,7 @@ def report(
 
 @app.command()
 def compare(
-    runs: Annotated[List[Path], typer.Argument(metavar="RUN_DIR...", help="Two or more finished run folders on "
+    runs: Annotated[List[Path], typer.Argument(metavar="RUN_DIR", help="Two or more finished run folders on "
                                                                               "the same tasks and test cases.")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for comparison.md and "
                                                 "comparison.png (created).")] = None,
