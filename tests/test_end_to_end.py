@@ -103,6 +103,15 @@ def test_run_folder_holds_results_matrix_and_report(sequential_run, synthetic_ta
     assert summary["bwt"] == pytest.approx(R[2, 0] - R[1, 0])
     assert summary["fwt"] == pytest.approx(R[1, 1] - R[0, 1])
     assert "Result matrix" in (sequential_run / "report.md").read_text()
+    # the cost, recorded while the run happened: every stage's training (stages 1, 2) and evaluation (0, 1, 2)
+    resources = summary["resources"]
+    assert resources["not_recorded"] == [] and resources["devices"][0].startswith("cpu (")
+    assert [e["train_seconds"] is not None for e in resources["stages"]] == [False, True, True]
+    assert all(e["evaluate_seconds"] > 0 and e["peak_rss_mb"] > 100 for e in resources["stages"])  # torch: > 100 MiB
+    assert resources["wall_seconds"] == pytest.approx(sum(e["evaluate_seconds"] + (e["train_seconds"] or 0)
+                                                          for e in resources["stages"]))
+    for task, counts in summary["data"].items():
+        assert counts["test_cases"] == splits[task] and counts["n_validation"] >= 1 and counts["n_train"] >= 1
 
 
 def test_test_cases_never_reach_training(sequential_run, cache_dir):

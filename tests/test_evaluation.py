@@ -245,12 +245,12 @@ def test_notes_of_what_a_method_could_not_do_reach_the_report():
 
 def test_render_comparison_markdown():
     joint = {"method": "joint", "tasks": ["t1", "t2", "t3"], "final_average": 0.875, "bwt": None,
-             "final_per_task": [0.95, 0.8, 0.875]}
+             "final_per_task": [0.95, 0.8, 0.875], "resources": {"wall_seconds": 4000.0, "not_recorded": []}}
     md = render_comparison_markdown({"sequential": _summary(), "joint": joint}, {"comparison": "cmp.png"})
-    assert ("| method | Final average | BWT | FWT | Mean forgetting | Plasticity | final t1 | final t2 | final t3 |"
-            in md)
-    assert "| sequential | 0.750 | -0.175 | 0.425 | 0.175 | 0.867 | 0.600 | 0.750 | 0.900 |" in md
-    assert "| joint | 0.875 | — | — | — | — | 0.950 | 0.800 | 0.875 |" in md
+    assert ("| method | Final average | BWT | FWT | Mean forgetting | Plasticity | final t1 | final t2 | final t3 | "
+            "wall time |" in md)
+    assert "| sequential | 0.750 | -0.175 | 0.425 | 0.175 | 0.867 | 0.600 | 0.750 | 0.900 | not recorded |" in md
+    assert "| joint | 0.875 | — | — | — | — | 0.950 | 0.800 | 0.875 | 4000 s (1.1 h) |" in md
     assert "![comparison](cmp.png)" in md
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lifelong_nnunet.run_folder import RunFolder
+
 pytestmark = pytest.mark.slow
 
 
@@ -30,10 +32,14 @@ def test_kill_mid_stage_then_resume(synthetic_tasks, planning_cache, tmp_path):
     proc = start(spec, out, "-q")
     stage2 = out / "stages" / "stage_2"
     deadline = time.time() + 400
-    while time.time() < deadline and not list(stage2.rglob("checkpoint_latest.pth")):
+    run = RunFolder(out)
+
+    def trained_a_while() -> bool:  # a checkpoint to resume from, and this session's time recorded
+        return bool(list(stage2.rglob("checkpoint_latest.pth"))) and bool(run.read_sessions(2))
+    while time.time() < deadline and not trained_a_while():
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)
-    assert list(stage2.rglob("checkpoint_latest.pth")), "stage 2 never wrote a checkpoint"
+    assert trained_a_while(), "stage 2 never wrote a checkpoint"
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the run and its data-augmentation workers
     proc.wait()
     assert not (out / "results.csv").exists() and not (stage2 / "model.pt").exists()
@@ -49,6 +55,10 @@ def test_kill_mid_stage_then_resume(synthetic_tasks, planning_cache, tmp_path):
     assert stage1_model.stat().st_mtime_ns == stage1_mtime, "a finished stage was retrained"
     assert (out / "results.csv").is_file() and (out / "summary.json").is_file()
     assert not list(out.rglob("*.tmp")), "temporary files left behind"
+    # the killed session's training time counts too: the stage's time is both sessions' added up
+    trained = [s["seconds"] for s in run.read_sessions(2) if s["phase"] == "train"]
+    assert len(trained) == 2
+    assert run.load_model(2)["info"]["train_seconds"] == pytest.approx(sum(trained))
 
     third = start(spec, out)
     output, _ = third.communicate(timeout=300)

@@ -1,4 +1,4 @@
-"""The `lifelong-nnunet` command: run, report, predict, export, data, demo, methods.
+"""The `lifelong-nnunet` command: run, report, compare, predict, export, data, demo, methods.
 
 User errors (bad data, bad spec, wrong folder) print one paragraph and exit with code 2, never a traceback.
 """
@@ -238,14 +238,36 @@ def report(
         "--metric", help="Headline metric of the report, the figures and summary.json's top-level keys: dice, iou, "
                          "nsd or hd95 (default: the spec's evaluation.report_metric).")] = None,
 ) -> None:
-    """Re-render summary.json, the figures and report.md from stored results (no retraining)."""
+    """Re-render summary.json, the figures, report.md and report_details.md from stored results (no retraining)."""
     from .evaluation.metrics import metric_spec
     from .evaluation.summary import write_summary_and_report
     from .run_folder import RunFolder
     summary = write_summary_and_report(run_dir, {"separate": separate, "joint": joint}, metric=metric)
+    for warning in summary["warnings"]:
+        console.print(f"[bold yellow]Warning:[/bold yellow] {warning}", soft_wrap=True)
     spec, value = metric_spec(summary["metric"]), summary["final_average"]
     shown = "undefined" if value is None else f"{value:.3f}" + (f" {spec.unit}" if spec.unit else "")
     console.print(f"Final average {spec.display} {shown}. Report: {RunFolder(run_dir).report}")
+
+
+@app.command()
+def compare(
+    runs: Annotated[List[Path], typer.Argument(metavar="RUN_DIR", help="Two or more finished run folders on "
+                                                                              "the same tasks and test cases.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for comparison.md and "
+                                                "comparison.png (created).")] = None,
+    metric: Annotated[str | None, typer.Option(
+        "--metric", help="Metric of the table: dice, iou, nsd or hd95 (default: the first run's "
+                         "evaluation.report_metric).")] = None,
+) -> None:
+    """Put your own runs side by side (final average, BWT, FWT, forgetting, per-task final scores, wall time);
+    refuses runs that learned other tasks, another scenario or other test cases."""
+    from .evaluation.compare_runs import compare_runs, terminal_table, write_comparison
+    summaries = compare_runs(list(runs), metric=metric)
+    console.print(terminal_table(summaries))
+    if output is not None:
+        folder = write_comparison(summaries, output)
+        console.print(f"Comparison: {folder.report}")
 
 
 @app.command()

@@ -27,12 +27,18 @@ A run folder (``RUN_FORMAT`` 2)::
     stages/stage_<k>/model.pt    {"format", "network_weights", "method_state", "info"} (stage 0: untrained)
     stages/stage_<k>/eval/<task>.csv    the scores of one cell R[k][task] (RESULT_COLUMNS); a task whose test data
                          were gone when stage k was evaluated has none ("not evaluated")
+    stages/stage_<k>/resources.json    one entry per session that trained or evaluated stage k: its phase, wall
+                         seconds, peak memory and device, written while it happens (optional in every format: a
+                         folder written before it existed reads as "not recorded")
     stages/stage_<k>/nnunet/     nnU-Net's own results folder while the stage trains
     replay/<task>/       rehearsal only: preprocessed copies of the bounded replay buffer, the one image data a
                          run folder may hold (methods that declare ``keeps_old_data``)
     results.csv          every cell, gathered in stage and task order
     summary.json         the result matrix and continual metrics (evaluation.summary)
-    report.md, figures/result_matrix.png, figures/task_curves.png
+    report.md, report_details.md (per-label and per-case tables), figures/result_matrix.png,
+    figures/task_curves.png
+
+A comparison folder (`compare -o`) holds comparison.md and comparison.png.
 
 A sweep folder holds format.json ("kind": "sweep"), sweep.json, runs.csv, sweep.log, one run folder per run under
 runs/<method>/<ordering>/seed<seed>/, and the comparison report (comparison.html with its CSV tables).
@@ -331,6 +337,11 @@ class RunFolder(_Folder):
         return self.root / "report.md"
 
     @property
+    def details_report(self) -> Path:
+        """The page of per-label and per-case tables that report.md links."""
+        return self.root / "report_details.md"
+
+    @property
     def result_matrix_figure(self) -> Path:
         return self.root / "figures" / "result_matrix.png"
 
@@ -347,6 +358,10 @@ class RunFolder(_Folder):
     def stage_eval(self, index: int) -> Path:
         """Format 1: one file per stage with every task's rows (read, never written)."""
         return self.stage_dir(index) / "eval.csv"
+
+    def resources(self, index: int) -> Path:
+        """What training and evaluating stage ``index`` cost, one entry per session (see ``record_session``)."""
+        return self.stage_dir(index) / "resources.json"
 
     def cell_eval(self, index: int, task: str) -> Path:
         """The scores of one cell R[stage][task]: cells are evaluated one by one, so `extend` adds a new task's cells
@@ -506,6 +521,19 @@ class RunFolder(_Folder):
         kept = [h for h in self.read_history() if h["stage"] != entry["stage"]]
         write_json(self.history, sorted([*kept, entry], key=lambda h: h["stage"]))
 
+    def read_sessions(self, index: int) -> list[dict] | None:
+        """The sessions that trained or evaluated stage ``index`` (``record_session``); None when none was recorded
+        (a folder written before resources.json existed, or an imported stage)."""
+        return _read_json(self.resources(index)) if self.resources(index).is_file() else None
+
+    def record_session(self, index: int, session: dict) -> None:
+        """Add, or update in place, one session's entry of stage ``index``: ``session`` (an id unique to one process
+        and phase), ``phase`` ("train" or "evaluate"), ``seconds``, ``peak_rss_mb``, ``peak_gpu_mb`` (None off CUDA)
+        and ``device``. Training updates its entry after every epoch, so a killed session keeps the time it spent up
+        to its last epoch, and a resumed stage adds its sessions up."""
+        kept = [s for s in self.read_sessions(index) or [] if s["session"] != session["session"]]
+        write_json(self.resources(index), [*kept, session])
+
     def read_results(self) -> pd.DataFrame:
         return _read_csv(self.results)
 
@@ -520,6 +548,9 @@ class RunFolder(_Folder):
 
     def write_report(self, markdown: str) -> None:
         write_text(self.report, markdown)
+
+    def write_details_report(self, markdown: str) -> None:
+        write_text(self.details_report, markdown)
 
     def load_model(self, index: int, mmap: bool = False) -> dict:
         return load_model(self.model(index), mmap=mmap)
@@ -652,6 +683,19 @@ class NnunetModelFolder(_Folder):
 
     def checkpoint(self, fold: int = 0) -> Path:
         return self.root / f"fold_{fold}" / NNUNET_FINAL_CHECKPOINT
+
+
+@dataclass(frozen=True)
+class ComparisonFolder(_Folder):
+    """`lifelong-nnunet compare -o`: several runs side by side, as markdown and a figure."""
+
+    @property
+    def report(self) -> Path:
+        return self.root / "comparison.md"
+
+    @property
+    def figure(self) -> Path:
+        return self.root / "comparison.png"
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,8 @@ def advance(exp: Experiment, run: RunFolder, workspace, tasks: list[Task], metho
     run.write_results(pd.concat([c for c in cells if c is not None]))
     summary = write_summary_and_report(run.root)
     run.write_format()  # every record is now in the current format (see run_folder)
+    for warning in summary["warnings"]:  # a stage that learned nothing must not wait to be found in the report
+        log(f"Warning: {warning}")
     log(f"Done. Report: {run.report}")
     return summary
 

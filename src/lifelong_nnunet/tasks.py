@@ -83,6 +83,16 @@ class Task:
         return [c for c in self.test_cases if c not in self.cases]
 
 
+def validation_split(task: Task, fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """nnU-Net's per-epoch validation cases: a seeded part of the task's training cases (never test cases).
+    Returns (training, validation). A pure function of the task's recorded training cases, so the report counts
+    the same cases the stages trained and validated on."""
+    keys = task.train_cases
+    n_val = max(1, int(round(fraction * len(keys))))
+    order = np.random.default_rng(seed + task.dataset_id + 7).permutation(keys).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
 def task_record(task: Task) -> dict:
     """What a run keeps of a task so that later stages never need its training data again: its dataset.json, its
     training and test case IDs, and where its test files are (relative to the task folder)."""

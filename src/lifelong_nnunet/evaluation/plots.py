@@ -102,8 +102,9 @@ def plot_task_curves(
 
 
 @_default_style
-def plot_method_comparison(summaries: dict[str, dict], path: str | os.PathLike) -> None:
-    """Grouped bars per method: final average, BWT and each task's final Dice.
+def plot_method_comparison(summaries: dict[str, dict], path: str | os.PathLike,
+                           ylabel: str = "Dice / Dice difference", title: str = "Method comparison") -> None:
+    """Grouped bars per method: final average, BWT and each task's final Dice (or the metric ``ylabel`` names).
 
     ``summaries`` maps a method name to its summary (keys ``tasks``, ``final_average``, ``bwt``,
     ``final_per_task`` as produced with ``continual_metrics``); undefined values get no bar.
@@ -129,8 +130,8 @@ def plot_method_comparison(summaries: dict[str, dict], path: str | os.PathLike) 
         )
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(x, groups, rotation=30, ha="right")
-    ax.set_ylabel("Dice / Dice difference")
-    ax.set_title("Method comparison")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)

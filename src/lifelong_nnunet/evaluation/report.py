@@ -3,7 +3,9 @@
 A summary is a flat dict: ``method``, ``tasks`` (in training order), optional ``title`` and ``scenario``,
 the keys of ``continual_metrics`` (``final_average``, ``final_per_task``, ``plasticity``, ``bwt``, ``fwt``,
 ``forgetting``, ``mean_forgetting``) for the headline ``metric`` (Dice when absent), optionally
-``by_metric`` (the same keys per scored metric) and ``reference_gaps`` (from ``reference_gaps``).
+``by_metric`` (the same keys per scored metric) and ``reference_gaps`` (from ``reference_gaps``), and optionally
+what the run was and cost (``warnings``, ``budget``, ``resources``, ``data``, ``per_label_final``: see
+``run_facts``). Every optional part is left out of the report when absent, so hand-made summaries still render.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from .metrics import metric_spec
 
 UNDEFINED = "—"
 NOT_EVALUATED = "not evaluated (test data absent)"
+NOT_RECORDED = "not recorded"  # a cost measured only by runs since resources.json exists
 
 # (summary key, heading, one-line meaning with {m} for the metric's name), in the order the tables show them.
 CONTINUAL_METRICS = [
@@ -33,10 +36,12 @@ LOWER_IS_BETTER_MEANINGS = {
     "mean_forgetting": "mean rise from each earlier task's best (lowest) {m} to its final {m} (positive = worse)",
 }
 
-def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], images: dict[str, str]) -> str:
-    """Report of one run: the result matrix of the headline metric (``summary["metric"]``), its continual
-    metrics, every other scored metric in one table (``summary["by_metric"]``), reference gaps, and the
-    figures (``images`` maps a caption to a path relative to the report)."""
+def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], images: dict[str, str],
+                    details: str | None = None) -> str:
+    """Report of one run: warnings, what the run was and cost, its data, the result matrix of the headline metric
+    (``summary["metric"]``), its continual metrics, the final model per label (``details``: the link to the page of
+    per-label and per-case tables), every other scored metric in one table (``summary["by_metric"]``), reference
+    gaps, and the figures (``images`` maps a caption to a path relative to the report)."""
     tasks = list(summary.get("tasks") or R.columns)
     metric = summary.get("metric", "dice")
     spec = metric_spec(metric)
@@ -48,6 +53,9 @@ def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], image
         lines += [f"- **Scenario:** {summary['scenario']}"]
     lines += [f"- **Tasks (training order):** {', '.join(tasks)}"]
     lines += [f"- **Headline metric:** {name}{unit}", ""]
+    lines += _warnings(summary.get("warnings") or [])
+    lines += _run_section(summary)
+    lines += _data_section(summary.get("data") or {})
 
     lines += ["## Result matrix", "",
               f"Mean foreground {name}{unit} on each task's test split (columns) after each stage (rows).", ""]
@@ -59,6 +67,7 @@ def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], image
                     for j, v in enumerate(row)]
          for i, (label, row) in enumerate(zip(row_labels, R.to_numpy(dtype=float).tolist()))],
     )
+    lines += _stage_zero_note(row_labels)
     if missing:
         lines += ["", f"{len(missing)} cell(s) *{NOT_EVALUATED}*: the task's held-out test cases were gone when that "
                   f"stage was evaluated. They are left out of every mean below (never read as zero)."]
@@ -79,6 +88,8 @@ def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], image
                       else f"final {name} minus the best (lowest) {name} since learning it; positive = worse")
         lines += ["", f"Forgetting per task ({definition}):", ""]
         lines += _table([str(t) for t in tasks[: len(forgetting)]], [[_fmt(f) for f in forgetting]])
+
+    lines += _per_label_section(summary.get("per_label_final") or {}, name, details)
 
     by_metric = summary.get("by_metric") or {}
     if len(by_metric) > 1:
@@ -111,6 +122,125 @@ def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], image
     return "\n".join(lines) + "\n"
 
 
+def _warnings(warnings: list[str]) -> list[str]:
+    """Stages that learned nothing and structures never segmented, where a reader sees them first."""
+    lines: list[str] = []
+    for w in warnings:
+        lines += [f"> **Warning:** {w}", ">"]
+    return lines[:-1] + [""] if lines else []
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return NOT_RECORDED
+    if value >= 3600:
+        return f"{value:.0f} s ({value / 3600:.1f} h)"
+    return f"{value:.0f} s ({value / 60:.1f} min)" if value >= 120 else f"{value:.0f} s"
+
+
+def _mib(value: float | None) -> str:
+    return NOT_RECORDED if value is None else f"{value:.0f} MiB"
+
+
+def _run_section(summary: dict) -> list[str]:
+    """The budget, the device, the wall time and the peak memory, overall and per stage (summary.json's
+    ``budget`` and ``resources``, from `run_facts`). Parts of the run without a record say so."""
+    budget, res = summary.get("budget"), summary.get("resources")
+    if not budget and not res:
+        return []
+    lines = ["## Run", ""]
+    if budget:
+        per_stage = ", ".join(f"stage {b['stage']}: " + ("imported (trained elsewhere)" if b.get("imported") else
+                                                         f"{b.get('epochs') or '?'} x "
+                                                         f"{b.get('iterations_per_epoch') or '?'}")
+                              for b in budget["stages"])
+        batch = NOT_RECORDED if budget.get("batch_size") is None else str(budget["batch_size"])
+        if budget.get("batch_size_from") == "nnU-Net plans":
+            batch += " (nnU-Net's plan)"
+        lines += [f"- **Budget:** nnU-Net {budget['configuration']}, batch size {batch}; epochs x "
+                  f"iterations per epoch: {per_stage or UNDEFINED}"]
+    res = res or {}
+    devices = ", ".join(res.get("devices") or []) or NOT_RECORDED
+    requested = f" (requested: {budget['requested_device']})" if budget else ""
+    lines += [f"- **Device:** {devices}{requested}"]
+    stages = res.get("stages") or []
+    train = [e["train_seconds"] for e in stages if e.get("train_seconds") is not None]
+    evaluate = [e["evaluate_seconds"] for e in stages if e.get("evaluate_seconds") is not None]
+    wall = _seconds(res.get("wall_seconds"))
+    if res.get("wall_seconds") is not None:
+        wall += f" (training {_seconds(sum(train))}, evaluation {_seconds(sum(evaluate))}"
+        wall += f"; {NOT_RECORDED}, so not in the total: {', '.join(res['not_recorded'])})" \
+            if res.get("not_recorded") else ")"
+    lines += [f"- **Wall time:** {wall}"]
+    memory = NOT_RECORDED if res.get("peak_rss_mb") is None else f"{_mib(res['peak_rss_mb'])} resident"
+    if res.get("peak_gpu_mb") is not None:
+        memory += f", {_mib(res['peak_gpu_mb'])} on the GPU (torch's peak allocation)"
+    lines += [f"- **Peak memory:** {memory}", ""]
+    if any(e.get("sessions") for e in stages):
+        lines += ["Per stage, summed over the sessions that trained or evaluated it (a killed and resumed stage has "
+                  "several). Peak resident memory is the process's peak so far (it never falls).", ""]
+        lines += _table(["stage", "sessions", "training", "evaluation", "peak resident", "peak GPU"],
+                        [[str(e["stage"]), str(e.get("sessions", 0)),
+                          "none (untrained)" if e["stage"] == 0 else "imported" if e.get("imported") else
+                          _seconds(e.get("train_seconds")),
+                          _seconds(e.get("evaluate_seconds")), _mib(e.get("peak_rss_mb")),
+                          UNDEFINED if e.get("peak_gpu_mb") is None else _mib(e["peak_gpu_mb"])] for e in stages])
+        lines += [""]
+    return lines
+
+
+def _data_section(data: dict[str, dict]) -> list[str]:
+    """Case counts per task and the test case IDs (summary.json's ``data``)."""
+    if not data:
+        return []
+    lines = ["## Data", "", "Training and validation cases are the task's own (validation: nnU-Net's per-epoch "
+             "check, drawn from the training cases); the test cases are held out and scored after every stage.", ""]
+    def count(d: dict, key: str) -> str:
+        return "trained elsewhere" if d.get("imported") else NOT_RECORDED if d.get(key) is None else str(d[key])
+    lines += _table(["task", "training", "validation", "test", "test cases"],
+                    [[task, count(d, "n_train"), count(d, "n_validation"), str(d.get("n_test", 0)),
+                      ", ".join(d.get("test_cases") or []) or UNDEFINED] for task, d in data.items()])
+    return lines + [""]
+
+
+def _stage_zero_note(row_labels: list[str]) -> list[str]:
+    """Why the first row is not a result: users read an untrained network's chance overlap as an achievement."""
+    if not row_labels or row_labels[0] != "before training":
+        return []
+    return ["", "The row *before training* is the untrained model (stage 0: nnU-Net's randomly initialised "
+            "network), the baseline every stage is measured against, not a result. Its overlap is chance: a large "
+            "structure overlaps a random prediction substantially (an untrained network can score Dice 0.3 on a "
+            "spine), a small one hardly at all. FWT subtracts this row, and a stage whose trained task scores at "
+            "or below it learned nothing (see docs/metrics.md)."]
+
+
+def _per_label_section(per_label: dict[str, dict[str, float | None]], name: str, details: str | None) -> list[str]:
+    """The delivered model's score per structure: in a class run, which structures it segments at all."""
+    if not per_label:
+        return []
+    lines = ["", "## Per structure (final model)", "",
+             f"Mean {name} of each structure on each task's test cases, with the model the run delivers for the task."
+             + (f" Every stage per structure, and every test case: [{details}]({details})." if details else ""), ""]
+    return lines + _table(["task", "structure", name],
+                          [[task, label, _fmt(v)] for task, labels in per_label.items() for label, v in labels.items()])
+
+
+def render_details_markdown(title: str, name: str, by_stage: pd.DataFrame, by_case: pd.DataFrame) -> str:
+    """The page of per-label and per-case tables that a report links: ``by_stage`` has columns task, structure and
+    one per stage label; ``by_case`` columns task, case and one per structure (the delivered model's scores)."""
+    lines = [f"# {title}: per structure and per case", "",
+             f"## {name} per structure after each stage", "",
+             f"Mean {name} over the task's test cases (undefined scores left out); {UNDEFINED}: not scored.", ""]
+    lines += _table([str(c) for c in by_stage.columns],
+                    [[str(r[0]), str(r[1]), *[_fmt(v) for v in r[2:]]] for r in by_stage.itertuples(index=False)])
+    lines += ["", f"## {name} per test case (final model)", "",
+              f"The model the run delivers for each task; {UNDEFINED}: the structure is not one of the task's, or "
+              f"its score is undefined.", ""]
+    lines += _table([str(c) for c in by_case.columns],
+                    [[str(r[0]), str(r[1]), *[_fmt(v) for v in r[2:]]] for r in by_case.itertuples(index=False)])
+    return "\n".join(lines) + "\n"
+
+
 def _history(history: list[dict]) -> list[str]:
     """How the model grew: one row per stage with where it came from, the data it saw and its budget."""
     if not history:
@@ -131,25 +261,43 @@ def _history(history: list[dict]) -> list[str]:
                           rows)
 
 
-def render_comparison_markdown(rows: dict[str, dict], images: dict[str, str]) -> str:
-    """Method x metric table over several runs (e.g. sequential, joint, separate), with per-task final scores
-    of the runs' headline metric (``metric`` of the summaries, Dice when absent)."""
+def comparison_table(rows: dict[str, dict], first_column: str = "method") -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the runs-side-by-side table: the continual metrics of the runs' headline metric
+    (``metric`` of the summaries, Dice when absent), each task's final score, and the recorded wall time (training
+    plus evaluation; "not recorded" for runs from before it was, or marked partial). Shared by the markdown and
+    the terminal view, so the two never disagree."""
     tasks: list[str] = []
     for summary in rows.values():
         tasks += [t for t in summary.get("tasks", []) if t not in tasks]
     metric = next((s["metric"] for s in rows.values() if s.get("metric")), "dice")
     meanings = _meanings(metric, metric_spec(metric).higher_is_better)
-    header = ["method"] + [heading for _, heading, _ in meanings] + [f"final {t}" for t in tasks]
+    header = [first_column] + [heading for _, heading, _ in meanings] + [f"final {t}" for t in tasks] + ["wall time"]
     body = []
     for name, summary in rows.items():
         per_task = dict(zip(summary.get("tasks", []), summary.get("final_per_task") or []))
+        resources = summary.get("resources") or {}
+        wall = _seconds(resources.get("wall_seconds"))
+        if resources.get("wall_seconds") is not None and resources.get("not_recorded"):
+            wall += " (partly not recorded)"
         body.append(
             [name]
             + [_fmt(summary.get(key)) for key, _, _ in meanings]
             + [_fmt(per_task.get(t)) for t in tasks]
+            + [wall]
         )
-    lines = ["# Method comparison", ""] + _table(header, body)
+    return header, body
+
+
+def render_comparison_markdown(rows: dict[str, dict], images: dict[str, str], title: str = "Method comparison",
+                               first_column: str = "method") -> str:
+    """Method x metric table over several runs (e.g. sequential, joint, separate): ``comparison_table`` and what
+    its metrics mean."""
+    metric = next((s["metric"] for s in rows.values() if s.get("metric")), "dice")
+    meanings = _meanings(metric, metric_spec(metric).higher_is_better)
+    header, body = comparison_table(rows, first_column)
+    lines = [f"# {title}", ""] + _table(header, body)
     lines += ["", "Metrics:", ""] + [f"- **{heading}**: {meaning}." for _, heading, meaning in meanings]
+    lines += ["- **wall time**: training plus evaluation, every recorded session added up."]
     lines += _images(images)
     return "\n".join(lines) + "\n"
 

@@ -20,9 +20,10 @@ from .continual import (
     stage_labels,
     undefined_counts,
 )
+from . import run_facts as facts
 from .metrics import METRICS, metric_spec
 from .plots import plot_result_matrix, plot_task_curves
-from .report import render_markdown
+from .report import render_details_markdown, render_markdown
 
 
 def load_run(run_dir: Path) -> tuple[Experiment, list[str], pd.DataFrame]:
@@ -67,7 +68,8 @@ def summarize(run_dir: Path, metric: str | None = None) -> dict:
                      "R": head["R"], "stage_labels": stage_labels(results),
                      "not_evaluated": [[int(i), tasks[j]] for i, j in zip(*(~evaluated).nonzero())]}
     summary.update({k: head[k] for k in CONTINUAL_KEYS})
-    infos = [model["info"] for model in run.trained_models(schedule).values()]
+    by_stage = {index: model["info"] for index, model in run.trained_models(schedule).items()}
+    infos = list(by_stage.values())
     # optional info keys: stage 0 trained nothing, and peak GPU memory exists on CUDA only
     summary["train_seconds"] = sum(i.get("train_seconds", 0.0) for i in infos)
     for key in ("peak_rss_mb", "peak_gpu_mb"):
@@ -76,7 +78,24 @@ def summarize(run_dir: Path, metric: str | None = None) -> dict:
     summary["notes"] = list(dict.fromkeys(n for i in infos for n in i.get("notes", [])))  # each once, in order
     summary["by_metric"] = by_metric
     summary["history"] = run.read_history()
+    summary.update(run_description(run, exp, schedule, by_stage, results, tasks, metric))
     return summary
+
+
+def run_description(run: RunFolder, exp: Experiment, schedule: list, infos: dict[int, dict],
+                    results: pd.DataFrame, tasks: list[str], metric: str) -> dict:
+    """The summary keys that say what the run was and cost (module `run_facts`): ``budget``, ``data``,
+    ``resources``, ``per_label_final`` (the delivered model's ``metric`` per label), ``learned_nothing`` and its
+    ``warnings``."""
+    n_stages = int(results["stage"].max()) + 1 if len(results) else 0
+    nothing = facts.learned_nothing(results, tasks, schedule)
+    imported = facts.imported_stages(infos)
+    imported_tasks = {t for i in imported for t in infos[i].get("trained_on", [])}
+    return {"budget": facts.budget(run, exp, infos), "data": facts.data(run, exp, imported_tasks),
+            "resources": facts.resources(run, schedule, imported),
+            "per_label_final": facts.per_label_final(results, metric,
+                                                     facts.delivered_stages(schedule, tasks, n_stages)),
+            "learned_nothing": nothing, "warnings": facts.warnings(nothing)}
 
 
 def evaluated_cells(results: pd.DataFrame, tasks: list[str]):
@@ -113,20 +132,28 @@ def check_reference(run: RunFolder, ref: RunFolder, role: str) -> None:
     """A reference (`separate`, `joint`) is only a reference when it learned the same tasks in the same scenario and
     was scored on the same test cases; anything else would give a gap that means nothing. A UserInputError says
     which of the three differs."""
-    ref.require_finished()
-    mine, theirs = run.read_splits(), ref.read_splits()
-    fix = f"Give as --{role} a finished run on the same task folders (same test split: the same seed and split)."
+    check_comparable(run, ref, f"The {role} reference",
+                     f"Give as --{role} a finished run on the same task folders (same test split: the same seed and "
+                     f"split).")
+
+
+def check_comparable(run: RunFolder, other: RunFolder, other_is: str, fix: str) -> None:
+    """Refuse to set ``other`` against ``run`` unless both learned the same tasks (in any order) in the same
+    scenario and were scored on the same test cases. ``other_is`` begins the message ("The joint reference"),
+    ``fix`` ends it."""
+    other.require_finished()
+    mine, theirs = run.read_splits(), other.read_splits()
     if sorted(mine) != sorted(theirs):
-        raise UserInputError(f"The {role} reference {ref.root} learned {', '.join(theirs)}, but the run {run.root} "
+        raise UserInputError(f"{other_is} {other.root} learned {', '.join(theirs)}, but the run {run.root} "
                              f"learned {', '.join(mine)}. {fix}")
-    scenarios = run.read_experiment().scenario, ref.read_experiment().scenario
+    scenarios = run.read_experiment().scenario, other.read_experiment().scenario
     if scenarios[0] != scenarios[1]:
-        raise UserInputError(f"The {role} reference {ref.root} is a {scenarios[1]}-scenario run, the run {run.root} "
+        raise UserInputError(f"{other_is} {other.root} is a {scenarios[1]}-scenario run, the run {run.root} "
                              f"a {scenarios[0]}-scenario one. {fix}")
     for task, cases in mine.items():
         if sorted(cases) != sorted(theirs[task]):
-            raise UserInputError(f"The {role} reference {ref.root} tested {task} on other cases than the run "
-                                 f"{run.root} ({ref.splits} against {run.splits}). {fix}")
+            raise UserInputError(f"{other_is} {other.root} tested {task} on other cases than the run "
+                                 f"{run.root} ({other.splits} against {run.splits}). {fix}")
 
 
 def write_summary_and_report(run_dir: Path, references: dict[str, Path] | None = None,
@@ -165,10 +192,28 @@ def write_summary_and_report(run_dir: Path, references: dict[str, Path] | None =
                      ylim=(0.0, 1.02) if spec.bounded else None)
     summary["title"] = f"lifelong-nnunet run: {summary['method']}"
     run.write_summary(summary)
+    write_details(run, summary, results, labels)
     run.write_report(render_markdown(summary, R_show, labels, {
         "Result matrix": run.relative(run.result_matrix_figure),
-        f"{name} per task over stages": run.relative(run.task_curves_figure)}))
+        f"{name} per task over stages": run.relative(run.task_curves_figure)},
+        details=run.relative(run.details_report)))
     return summary
+
+
+def write_details(run: RunFolder, summary: dict, results: pd.DataFrame, row_labels: list[str]) -> None:
+    """report_details.md: the headline metric per structure after every stage, and per test case for the model the
+    run delivers (the tables a user otherwise digs out of results.csv)."""
+    metric, tasks = summary["metric"], summary["tasks"]
+    table = facts.per_label(results, metric)
+    by_stage = table.pivot_table(index=["eval_task", "label"], columns="stage", values="value", sort=False,
+                                 dropna=False)
+    by_stage = by_stage.reindex(columns=range(len(row_labels)))
+    by_stage.columns = row_labels
+    by_stage = by_stage.reset_index().rename(columns={"eval_task": "task", "label": "structure"})
+    delivered = facts.delivered_stages(run.read_schedule(), tasks, len(row_labels))
+    by_case = facts.per_case(results, metric, delivered)
+    run.write_details_report(render_details_markdown(summary["title"], metric_spec(metric).display, by_stage,
+                                                     by_case))
 
 
 def _gaps(tasks: list[str], entry: dict, refs: dict[str, dict], metric: str) -> dict:

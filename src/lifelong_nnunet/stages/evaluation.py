@@ -14,6 +14,7 @@ from ..console import progress_bar
 from ..run_folder import RESULT_COLUMNS, load_model
 from ..runner import known_labels_json
 from .context import RunContext
+from .resources import Session
 
 
 def evaluate_stage(ctx: RunContext, index: int, trained_on: str) -> None:
@@ -38,6 +39,7 @@ def evaluate_stage(ctx: RunContext, index: int, trained_on: str) -> None:
     net = method.adapt_network(net, ctx.tasks_trained_by(index))
     net.load_state_dict(stored["network_weights"])
     dataset_json = known_labels_json(ctx.dataset_json, labels, ctx.tasks_trained_by(index))
+    session = Session(ctx.run, index, "evaluate", ctx.device)
     started, means = time.time(), {}
     with progress_bar(ctx.log.quiet) as bar:
         job = bar.add_task(f"Evaluating stage {index}", total=sum(len(t.test_cases) for t in todo), info="")
@@ -60,6 +62,7 @@ def evaluate_stage(ctx: RunContext, index: int, trained_on: str) -> None:
                 bar.update(job, info=t.short_name)
             df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
             ctx.run.write_cell(index, t.name, df)
+            session.save()  # after every cell: a kill keeps the time of the cells already scored
             means[t.short_name] = df[df.metric == "dice"].value.mean()
     ctx.log(f"Stage {index} evaluated in {time.time() - started:.0f} s: "
             + ", ".join(f"{k} Dice {v:.3f}" for k, v in means.items()))

@@ -10,12 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import PluginContractError
 from ..methods import Method, Stage
 from ..nnunet.trainer import DataSource
-from ..tasks import Task
+from ..tasks import Task, validation_split
 from .context import RunContext, tasks_before
 
 
@@ -38,11 +36,8 @@ class StageSources:
                    ctx.exp.validation_fraction, ctx.exp.seed)
 
     def split_train_val(self, task: Task) -> tuple[list[str], list[str]]:
-        """nnU-Net's per-epoch validation cases: a seeded part of the task's training cases (never test cases)."""
-        keys = task.train_cases
-        n_val = max(1, int(round(self.validation_fraction * len(keys))))
-        order = np.random.default_rng(self.seed + task.dataset_id + 7).permutation(keys).tolist()
-        return sorted(order[n_val:]), sorted(order[:n_val])
+        """The task's (training, validation) cases: `tasks.validation_split` with the spec's fraction and seed."""
+        return validation_split(task, self.validation_fraction, self.seed)
 
     def __call__(self, stage: Stage) -> list[DataSource]:
         """The stage's own tasks, plus the method's replay buffer drawn with its share of every batch."""

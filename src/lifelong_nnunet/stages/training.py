@@ -12,8 +12,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from ..console import RunLog, progress_bar, silenced_stdout
 from ..io_utils import atomic_write
 from ..methods import Stage, StageState
@@ -22,6 +20,7 @@ from ..runner import known_labels_json
 from ..tasks import Task, content_fingerprint
 from ..seeding import seed_everything
 from .context import RunContext
+from .resources import Session, peak_memory_mb
 from .sources import StageSources
 
 
@@ -105,6 +104,7 @@ class StageTraining:
             return
         epochs, iterations = stage_epochs(stage, t), stage_iterations(stage, t)
         started_at = now()
+        session = Session(run, stage.index, "train", ctx.device)
         with progress_bar(ctx.log.quiet) as bar:
             job = bar.add_task(f"Stage {stage.index} [{stage.label}] iterations", total=epochs * iterations,
                                info="")
@@ -119,6 +119,7 @@ class StageTraining:
                                                                    f"pseudo-Dice {stats['pseudo_dice']:.3f}")
                 ctx.log.path and RunLog(ctx.log.path, quiet=True)(
                     f"stage {stage.index} epoch {epoch}/{total} " + " ".join(f"{k}={v:.4f}" for k, v in stats.items()))
+                session.save()  # a kill loses at most the epoch in progress of this session's time
                 warning = speed.slow_budget_warning(stage.index, (total - epoch) * iterations)
                 if warning:
                     ctx.log(warning)
@@ -141,10 +142,11 @@ class StageTraining:
                     ctx.method.after_stage(trainer, stage)
         if ctx.method.keeps_old_data:
             self.keep_for_replay(stage)
+        session.save()
         save_model(run.model(stage.index), trainer.network.state_dict(), ctx.method.state_dict(),
                    {"stage": stage.index, "trained_on": list(stage.train_tasks),
                     "tasks_seen": ctx.tasks_trained_by(stage.index),
-                    "train_seconds": time.time() - started, "epochs": epochs,
+                    "train_seconds": session.phase_seconds(), "epochs": epochs,
                     "iterations_per_epoch": iterations, "notes": ctx.method.notes(), **peak_memory_mb(ctx.device)})
         run.record_history({"stage": stage.index, "origin": origin, "started": started_at, "finished": now(),
                             "datasets": [dataset_summary(ctx.by_name[n]) for n in stage.train_tasks],
@@ -238,12 +240,3 @@ def versions() -> dict[str, str]:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """Peak resident memory of this process (and peak GPU memory on CUDA) so far, in MiB."""
-    import resource
-    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if device.type == "cuda":
-        peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return peak
