@@ -87,6 +87,9 @@ def test_a_ct_task_then_an_mr_task_each_get_their_own_normalisation(ct_then_mr, 
     # the plan for this machine is explained in one line and recorded (a resume plans the same way)
     assert "Plans: patch " in log and "planned for a CPU" in log
     assert json.loads((tmp_path / "run" / "planning.json").read_text())["memory_target_gb"] == CPU_MEMORY_TARGET_GB
+    report = (tmp_path / "run" / "report.md").read_text()  # and the report says both
+    assert "- **Plans:** patch " in report and "planned for a CPU" in report
+    assert "MRI: ZScoreNormalization" in report and "CT: CTNormalization, window [" in report
 
     # the preprocessed MR arrays really are z-scored, not clipped to the CT window
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class

@@ -159,6 +159,9 @@ def _run_section(summary: dict) -> list[str]:
             batch += " (nnU-Net's plan)"
         lines += [f"- **Budget:** nnU-Net {budget['configuration']}, batch size {batch}; epochs x "
                   f"iterations per epoch: {per_stage or UNDEFINED}"]
+        if budget.get("plans"):
+            why = f" ({budget['planning']})" if budget.get("planning") else ""
+            lines += [f"- **Plans:** {budget['plans']}{why}"]
     res = res or {}
     devices = ", ".join(res.get("devices") or []) or NOT_RECORDED
     requested = f" (requested: {budget['requested_device']})" if budget else ""
@@ -197,9 +200,15 @@ def _data_section(data: dict[str, dict]) -> list[str]:
              "check, drawn from the training cases); the test cases are held out and scored after every stage.", ""]
     def count(d: dict, key: str) -> str:
         return "trained elsewhere" if d.get("imported") else NOT_RECORDED if d.get(key) is None else str(d[key])
-    lines += _table(["task", "training", "validation", "test", "test cases"],
+    normalised = any(d.get("normalisation") for d in data.values())
+    lines += _table(["task", "training", "validation", "test", *(["normalisation"] if normalised else []),
+                     "test cases"],
                     [[task, count(d, "n_train"), count(d, "n_validation"), str(d.get("n_test", 0)),
+                      *([d.get("normalisation") or "the plans' (not recorded)"] if normalised else []),
                       ", ".join(d.get("test_cases") or []) or UNDEFINED] for task, d in data.items()])
+    if normalised:
+        lines += ["", "Each task's images are normalised as nnU-Net would normalise them for that task alone (its "
+                  "channel names' scheme, its own intensity statistics), on the one architecture every stage shares."]
     return lines + [""]
 
 

@@ -68,8 +68,12 @@ def budget(run: RunFolder, exp: Experiment, infos: dict[int, dict]) -> dict:
         planned = run.read_plans().get("configurations", {}).get(exp.configuration, {}) if run.plans.is_file() \
             else {}
         batch, source = planned.get("batch_size"), "nnU-Net plans" if "batch_size" in planned else None
+    from ..nnunet.planning import describe_plans
+    plans = run.read_plans() if run.plans.is_file() else None
+    planned = describe_plans(plans, exp.configuration) if plans and exp.configuration in plans.get(
+        "configurations", {}) else None
     return {"configuration": exp.configuration, "batch_size": batch, "batch_size_from": source,
-            "requested_device": exp.device,
+            "requested_device": exp.device, "plans": planned, "planning": (run.read_planning() or {}).get("reason"),
             "stages": [{"stage": index, "epochs": info.get("epochs"),
                         "iterations_per_epoch": info.get("iterations_per_epoch"),
                         "imported": bool(info.get("imported_from"))}
@@ -81,11 +85,14 @@ def data(run: RunFolder, exp: Experiment, imported_tasks: set[str] = frozenset()
     and validation counts come from tasks.json (the cases each stage drew from) with the run's validation split;
     a folder without tasks.json (format 1) has the test split only, and None for the other counts, as has a task
     whose model was imported (``imported_tasks``: trained elsewhere, on data this run never saw)."""
+    from ..nnunet.normalisation import describe
     records = run.read_task_records() or {}
+    norms = run.read_normalisation()
     out = {}
     for task, test_cases in run.read_splits().items():
         entry = {"n_train": None, "n_validation": None, "n_test": len(test_cases), "test_cases": list(test_cases),
-                 "imported": task in imported_tasks}
+                 "imported": task in imported_tasks,
+                 "normalisation": describe(norms[task]) if task in norms else None}
         if task in records and task not in imported_tasks:
             train, val = validation_split(task_from_record(records[task]), exp.validation_fraction, exp.seed)
             entry.update(n_train=len(train), n_validation=len(val))
