@@ -79,3 +79,22 @@ def test_the_plans_are_described_in_one_line():
     plans = {"configurations": {"3d_fullres": {"patch_size": [40, 80, 80], "batch_size": 2,
                                                "spacing": [0.8, 0.8, 0.8]}}}
     assert describe_plans(plans, "3d_fullres") == "patch 40x80x80, batch 2, spacing 0.8x0.8x0.8 mm"
+
+
+def test_a_budget_that_would_take_hours_is_warned_about_once_after_the_first_epoch(monkeypatch):
+    from lifelong_nnunet.stages import training
+    clock = [1000.0]
+    monkeypatch.setattr(training.time, "time", lambda: clock[0])
+    slow = training.IterationSpeed(total=100 * 250)
+    for _ in range(250):
+        clock[0] += 2.0  # 2 s per iteration: the 99 epochs left take 13.8 h
+        slow.tick()
+    assert slow.seconds_per_iteration == pytest.approx(2.0)
+    warning = slow.slow_budget_warning(stage=1, left_iterations=99 * 250)
+    assert warning and "13.8 h" in warning and "2.0 s per iteration" in warning and "docs/cli.md" in warning
+    assert slow.slow_budget_warning(stage=1, left_iterations=98 * 250) is None  # said once
+    quick = training.IterationSpeed(total=5 * 20)
+    for _ in range(20):
+        clock[0] += 2.0
+        quick.tick()
+    assert quick.slow_budget_warning(stage=1, left_iterations=4 * 20) is None  # 160 s left: nothing to say
