@@ -205,7 +205,8 @@ def test_a_sweep_folder_without_sweep_json_is_a_user_error(tmp_path):
 # so only the names that are this project's alone are checked.
 OWN_NAMES = ("experiment.json", "splits.json", "schedule.json", "labels.json", "summary.json", "results.csv",
              "report.md", "run.log", "eval.csv", "model.pt", "format.json", "sweep.json", "runs.csv", "sweep.log",
-             "comparison.html", "chosen_tasks.json", "demo.json", "result_matrix.png", "task_curves.png")
+             "comparison.html", "task_choices.csv", "task_description.json", "demo.json", "result_matrix.png",
+             "task_curves.png")
 
 
 def test_no_module_but_run_folder_spells_a_run_folder_file_name():
