@@ -113,13 +113,16 @@ def find_inputs(folder: Path, n_channels: int, file_ending: str) -> dict[str, li
 
 
 def task_chooser(run: RunFolder, method, network, seen: list[str], rule: str,
-                 make_segmenter: Callable[[torch.nn.Module], Any]) -> Callable[[Any, dict], TaskChoice] | None:
+                 make_segmenter: Callable[[torch.nn.Module], Any],
+                 up_to_stage: int | None = None) -> Callable[[Any, dict], TaskChoice] | None:
     """How the task of an image is chosen when none is given: ``None`` when the method has no per-task parts to
     choose between; else a function of (raw image, its properties) that returns a `TaskChoice` by ``rule``:
 
     - ``"description"`` (default): the stages' image descriptions (`task_inference`), scored on the image as nnU-Net
       preprocesses it; a run without them is refused (UserInputError naming the missing file);
-    - ``"entropy"``: the method's own rule (`Method.choose_task`), every head segmenting the image."""
+    - ``"entropy"``: the method's own rule (`Method.choose_task`), every head segmenting the image.
+
+    ``up_to_stage``: only the descriptions of stages up to this one (the model of an earlier stage)."""
     if rule not in TASK_CHOICES:
         raise UserInputError(f"--task-choice '{rule}' is not a rule; use one of {', '.join(TASK_CHOICES)}.")
     if not method.infers_task:
@@ -129,7 +132,8 @@ def task_chooser(run: RunFolder, method, network, seen: list[str], rule: str,
             return method.choose_task(network, lambda m: make_segmenter(m).predict_arrays(
                 image, props, probabilities=True)[1], seen)
         return by_entropy
-    stages = [s.index for s in run.read_schedule() if set(s.train_tasks) & set(seen)]
+    stages = [s.index for s in run.read_schedule() if set(s.train_tasks) & set(seen)
+              and (up_to_stage is None or s.index <= up_to_stage)]
     descriptions = run.read_task_descriptions(stages)
     preprocessor = make_segmenter(method.network_for_task(network, seen[-1]))
 
