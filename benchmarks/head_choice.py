@@ -7,8 +7,8 @@ descriptions, the default, and the least uncertain head, the baseline): the head
 own task, the Dice with that head against the oracle head, the time the choice adds per case against the
 prediction itself, whether the case was flagged out-of-distribution, and the storage of the descriptions per stage.
 One image of uniform noise per run checks the OOD alarm. A run trained before task inference existed has its stages
-described here from the cache workspace (nnU-Net's training cases of each task, calibrated on its validation cases,
-as `run` does). Writes benchmarks/results/head_choice.{md,json}.
+described here from the cache workspace (each task's training cases, leave-one-out calibration, as `run` does).
+Writes benchmarks/results/head_choice.{md,json}.
 """
 from __future__ import annotations
 
@@ -21,14 +21,12 @@ import numpy as np
 from lifelong_nnunet.deploy import _load_run_network, select_model, task_chooser
 from lifelong_nnunet.evaluation.metrics import score_case
 from lifelong_nnunet.io_utils import write_json, write_text
-from lifelong_nnunet.methods import create_method
 from lifelong_nnunet.nnunet.env import resolve_device
 from lifelong_nnunet.nnunet.planning import Workspace
 from lifelong_nnunet.nnunet.predictor import Segmenter, read_label
 from lifelong_nnunet.run_folder import RunFolder
 from lifelong_nnunet.runner import default_cache_dir
 from lifelong_nnunet.stages.description import describe_task
-from lifelong_nnunet.stages.sources import StageSources
 from lifelong_nnunet.tasks import load_task
 from lifelong_nnunet.task_inference import TASK_CHOICES
 
@@ -37,30 +35,28 @@ def mean_dice(pred, ref, labels) -> float:
     return float(np.mean([r["value"] for r in score_case(pred, ref, labels) if r["metric"] == "dice"]))
 
 
-def describe_missing_stages(run: RunFolder, tasks: dict) -> list[int]:
+def describe_missing_stages(run: RunFolder, tasks: dict, cache_dir: Path | None) -> list[int]:
     """Describe the stages of a run trained before task inference existed, from its cache workspace."""
     exp, schedule = run.read_experiment(), run.read_schedule()
     missing = [s for s in schedule if not run.task_description(s.index).is_file()]
     if missing:
-        workspace = Workspace(Path(exp.cache_dir) if exp.cache_dir else default_cache_dir(), list(tasks.values()),
+        workspace = Workspace(cache_dir or default_cache_dir(), list(tasks.values()),
                               exp.configuration, plan_with=exp.plan_with)
-        sources = StageSources(list(tasks.values()), create_method(exp.method, exp.method_params), schedule,
-                               workspace.preprocessed_folder, run.replay_dir, exp.validation_fraction, exp.seed)
         for stage in missing:
             run.write_task_description(stage.index, {
-                name: describe_task(name, workspace.preprocessed_folder(tasks[name]),
-                                    *sources.split_train_val(tasks[name])) for name in stage.train_tasks})
+                name: describe_task(name, workspace.preprocessed_folder(tasks[name]), tasks[name].train_cases,
+                                    tasks[name].test_cases) for name in stage.train_tasks})
     return [s.index for s in missing]
 
 
-def evaluate(run_dir: Path) -> dict:
+def evaluate(run_dir: Path, cache_dir: Path | None = None) -> dict:
     run = RunFolder(run_dir)
     exp, splits = run.read_experiment(), run.read_splits()
     tasks = {}
     for folder, (name, cases) in zip(exp.tasks, splits.items()):
         tasks[name] = load_task(Path(folder))
         tasks[name].test_cases = cases
-    described_here = describe_missing_stages(run, tasks)
+    described_here = describe_missing_stages(run, tasks, cache_dir)
     method, net, seen, plans, djson, _ = _load_run_network(run_dir, select_model(run_dir))
     device = resolve_device("auto")
 
@@ -109,9 +105,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="The runs' cache (their --cache-dir), to describe stages trained before task inference.")
     parser.add_argument("--note", default="", help="What the runs were (budget, machine), for the results file.")
     args = parser.parse_args()
-    results = [evaluate(r) for r in args.runs]
+    results = [evaluate(r, args.cache_dir) for r in args.runs]
     lines = ["| method | rule | right head chosen | mean Dice, chosen head | mean Dice, oracle head (--task) | "
              "added time per case (vs prediction) | stored per stage | test cases flagged OOD |",
              "|---|---|---|---|---|---|---|---|"]

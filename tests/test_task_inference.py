@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from lifelong_nnunet import task_inference as ti
-from lifelong_nnunet.methods import Stage, create_method
+from lifelong_nnunet.methods import Stage
 from lifelong_nnunet.run_folder import RunFolder
 from lifelong_nnunet.stages import description
-from lifelong_nnunet.stages.sources import StageSources
 
 SHAPE = (1, 12, 12, 12)
 
@@ -29,9 +28,8 @@ def site_image(rng: np.random.Generator, site: str) -> np.ndarray:
     return ((image - image.mean()) / image.std()).astype(np.float32)
 
 
-def descriptions(rng, n_fit=10, n_cal=4) -> dict[str, ti.StageDescription]:
-    return {s: ti.fit_description(s, [ti.image_features(site_image(rng, s)) for _ in range(n_fit)],
-                                  [ti.image_features(site_image(rng, s)) for _ in range(n_cal)]) for s in "AB"}
+def descriptions(rng, n=10) -> dict[str, ti.StageDescription]:
+    return {s: ti.fit_description(s, [ti.image_features(site_image(rng, s)) for _ in range(n)]) for s in "AB"}
 
 
 def test_each_new_image_is_given_its_own_site():
@@ -65,8 +63,7 @@ def test_an_image_unlike_any_stage_is_flagged():
 def test_the_stored_description_holds_parameters_only(tmp_path):
     rng = np.random.default_rng(3)
     images = [site_image(rng, "A") for _ in range(14)]
-    described = {"A": ti.fit_description("A", [ti.image_features(x) for x in images[:10]],
-                                         [ti.image_features(x) for x in images[10:]])}
+    described = {"A": ti.fit_description("A", [ti.image_features(x) for x in images])}
     run = RunFolder(tmp_path)
     run.write_task_description(1, described)
     path = run.task_description(1)
@@ -90,19 +87,23 @@ def test_a_missing_description_is_refused_naming_the_file_and_the_alternatives(t
         RunFolder(tmp_path).read_task_descriptions([1])
 
 
-def test_threshold_is_calibrated_on_the_calibration_cases_only():
+def test_threshold_is_calibrated_on_held_out_cases_by_leave_one_out():
     rng = np.random.default_rng(4)
-    fit = [ti.image_features(site_image(rng, "A")) for _ in range(10)]
-    calibration = [ti.image_features(site_image(rng, "A")) for _ in range(4)]
-    d = ti.fit_description("A", fit, calibration)
-    assert d.threshold == pytest.approx(ti.THRESHOLD_FACTOR * max(d.distance(f) for f in calibration), rel=1e-12)
-    assert d.threshold > ti.THRESHOLD_FACTOR * max(d.distance(f) for f in fit)  # held-out cases lie further out
-    assert (d.n_fit, d.n_calibration) == (10, 4)
+    features = [ti.image_features(site_image(rng, "A")) for _ in range(10)]
+    d = ti.fit_description("A", features)
+    held_out = [ti.fit_description("A", features[:i] + features[i + 1:]) for i in range(len(features))]
+    # each case scored by the Gaussian of the others (the same mean and covariance a fit without it gives)
+    expected = ti.THRESHOLD_FACTOR * max(h.distance(f) for h, f in zip(held_out, features))
+    assert d.threshold == pytest.approx(expected, rel=1e-9)
+    assert d.threshold > ti.THRESHOLD_FACTOR * max(d.distance(f) for f in features)  # in-sample would be tighter
+    assert (d.n_fit, d.n_calibration) == (10, 10)
+    with pytest.raises(ValueError, match="3 at least"):
+        ti.fit_description("A", features[:2])
 
 
 def test_a_stage_is_described_from_its_training_cases_never_its_test_cases(tmp_path, monkeypatch):
-    """nnU-Net's validation split of the training cases calibrates; a test case read at all fails the test, and
-    test images far out (x100) would make the threshold huge if they were used."""
+    """A test case read at all fails the test; and test images far out (x100) would make the threshold huge if
+    they were used."""
     rng = np.random.default_rng(5)
     train = [f"a_{i:03d}" for i in range(12)]
     test = ["a_100", "a_101"]
@@ -113,19 +114,14 @@ def test_a_stage_is_described_from_its_training_cases_never_its_test_cases(tmp_p
         read.append(case)
         return images[case]
     monkeypatch.setattr("lifelong_nnunet.nnunet.trainer.read_preprocessed_image", fake_read)
-    task = SimpleNamespace(name="A", dataset_id=11, train_cases=train, test_cases=test)
-    stage = Stage(1, ("A",))
-    sources = StageSources([task], create_method("multihead"), [stage], lambda t: tmp_path, lambda n: tmp_path,
-                           validation_fraction=0.25, seed=0)
+    task = SimpleNamespace(name="A", train_cases=train, test_cases=test)
     ctx = SimpleNamespace(by_name={"A": task}, workspace=SimpleNamespace(preprocessed_folder=lambda t: tmp_path),
                           run=RunFolder(tmp_path), log=_Log())
-    description.describe_stage(ctx, stage, sources)
-    fit, val = sources.split_train_val(task)
+    description.describe_stage(ctx, Stage(1, ("A",)))
     assert sorted(read) == sorted(train) and not set(read) & set(test)
     stored = RunFolder(tmp_path).read_task_descriptions([1])["A"]
-    assert (stored.n_fit, stored.n_calibration) == (len(fit), len(val)) == (9, 3)
-    expected = ti.fit_description("A", [ti.image_features(images[c]) for c in fit],
-                                  [ti.image_features(images[c]) for c in val])
+    assert stored.n_fit == len(train)
+    expected = ti.fit_description("A", [ti.image_features(images[c]) for c in train])
     assert stored.threshold == pytest.approx(expected.threshold, rel=1e-9)
 
 
@@ -136,9 +132,9 @@ class _Log:
         self.last = message
 
 
-def test_fit_and_calibration_cases_must_differ(tmp_path):
-    with pytest.raises(ValueError, match="also fit cases"):
-        description.describe_task("A", Path(tmp_path), ["a", "b"], ["b"])
+def test_a_training_case_that_is_also_a_test_case_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="also given as training cases"):
+        description.describe_task("A", Path(tmp_path), ["a", "b", "c"], ["b"])
 
 
 def test_features_are_the_same_for_any_large_image_up_to_striding():

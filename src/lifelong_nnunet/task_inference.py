@@ -17,9 +17,11 @@ What is stored: a `StageDescription` per task of a stage, parameters only (a mea
 threshold, counts), as JSON in the stage's folder (`RunFolder.task_description`): a few kilobytes, never an image or
 an array of voxels.
 
-The out-of-distribution threshold is calibrated on validation cases: the description is fitted on the stage's
-nnU-Net training cases and the threshold set from the Mahalanobis distances of nnU-Net's validation cases of the
-same stage (`calibrate_threshold`), which the fit never saw. Test cases are never used.
+The out-of-distribution threshold is calibrated on held-out cases of the stage's training split, by leave-one-out:
+each training case is scored by the Gaussian fitted on the others, so every calibration distance comes from a case
+the fit it is scored against never saw (`fit_description`, `calibrate_threshold`). A stage has few cases (nnU-Net's
+own validation split of the demo holds two per task, which gave a threshold that flagged a third of the new cases);
+leave-one-out makes every training case a validation case once. Test cases are never used.
 """
 from __future__ import annotations
 
@@ -72,8 +74,8 @@ class StageDescription:
     """What one task's preprocessed training images look like: a Gaussian over `image_features`.
 
     ``mean`` and ``covariance`` are fitted on ``n_fit`` training cases; ``threshold`` is the Mahalanobis distance
-    beyond which an image fits this task no better than an outlier, calibrated on ``n_calibration`` validation
-    cases (`calibrate_threshold`)."""
+    beyond which an image fits this task no better than an outlier, calibrated on ``n_calibration`` held-out
+    distances (leave-one-out over the training cases, `fit_description`)."""
     task: str
     mean: tuple[float, ...]
     covariance: tuple[tuple[float, ...], ...]
@@ -116,27 +118,34 @@ def shrunk_covariance(features: np.ndarray) -> np.ndarray:
 
 
 def calibrate_threshold(distances: Sequence[float]) -> float:
-    """The OOD threshold from validation distances: `THRESHOLD_FACTOR` times the largest one.
+    """The OOD threshold from held-out distances: `THRESHOLD_FACTOR` times the largest one.
 
-    ``distances`` are the Mahalanobis distances of the stage's validation cases (nnU-Net's validation split of its
-    training cases, held out from the fit; never test cases). The largest of ``n`` in-distribution distances is
-    exceeded by a new in-distribution case with probability about 1/(n+1); with the handful of validation cases a
-    stage has, the factor 1.5 leaves room for the spread the sample has not shown, while an image from another
-    site or modality lies many times further away (measured: docs/deploy.md)."""
+    ``distances`` are Mahalanobis distances of cases held out from the Gaussian that scores them (training cases
+    left out one at a time; never test cases). The largest of ``n`` in-distribution distances is exceeded by a new
+    in-distribution case with probability about 1/(n+1); with the few cases a stage has, the factor 1.5 leaves
+    room for the spread the sample has not shown, while an image unlike every site lies many times further away
+    (measured: docs/deploy.md)."""
     distances = [float(d) for d in distances]
     if not distances:
         raise ValueError("no validation distances to calibrate the threshold on")
     return THRESHOLD_FACTOR * max(distances)
 
 
-def fit_description(task: str, fit: Iterable[np.ndarray], calibration: Iterable[np.ndarray]) -> StageDescription:
-    """A task's description: the Gaussian fitted on the features of ``fit`` (training cases) and the threshold
-    calibrated on those of ``calibration`` (validation cases, disjoint from ``fit``)."""
-    fit, calibration = np.stack(list(fit)), np.stack(list(calibration))
-    mean, cov = fit.mean(axis=0), shrunk_covariance(fit)
-    draft = StageDescription(task, tuple(mean), tuple(map(tuple, cov)), float("inf"), len(fit), len(calibration))
-    threshold = calibrate_threshold([draft.distance(f) for f in calibration])
-    return StageDescription(task, draft.mean, draft.covariance, threshold, len(fit), len(calibration))
+def _gaussian(task: str, features: np.ndarray) -> StageDescription:
+    cov = shrunk_covariance(features)
+    return StageDescription(task, tuple(features.mean(axis=0)), tuple(map(tuple, cov)), float("inf"), len(features), 0)
+
+
+def fit_description(task: str, features: Iterable[np.ndarray]) -> StageDescription:
+    """A task's description from the features of its training cases (never its test cases): the Gaussian fitted on
+    all of them, and the threshold calibrated by leave-one-out (each case's distance to the Gaussian of the others,
+    `calibrate_threshold`). Needs 3 cases at least (two to fit, one held out)."""
+    x = np.stack(list(features)).astype(np.float64)
+    if len(x) < 3:
+        raise ValueError(f"{task}: {len(x)} training case(s); a description needs 3 at least")
+    held_out = [_gaussian(task, np.delete(x, i, axis=0)).distance(x[i]) for i in range(len(x))]
+    full = _gaussian(task, x)
+    return StageDescription(task, full.mean, full.covariance, calibrate_threshold(held_out), len(x), len(x))
 
 
 @dataclass(frozen=True)

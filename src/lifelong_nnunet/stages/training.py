@@ -127,7 +127,7 @@ class StageTraining:
             self.keep_for_replay(stage)
         if ctx.method.infers_task:  # before model.pt: a stage with a model is complete, description included
             from .description import describe_stage
-            describe_stage(ctx, stage, self.sources)
+            describe_stage(ctx, stage)
         save_model(run.model(stage.index), trainer.network.state_dict(), ctx.method.state_dict(),
                    {"stage": stage.index, "trained_on": list(stage.train_tasks),
                     "tasks_seen": ctx.tasks_trained_by(stage.index),
