@@ -6,8 +6,9 @@ For every task's held-out test cases and both rules `predict` offers without `--
 descriptions, the default, and the least uncertain head, the baseline): the head chosen, whether it is the case's
 own task, the Dice with that head against the oracle head, the time the choice adds per case against the
 prediction itself, whether the case was flagged out-of-distribution, and the storage of the descriptions per stage.
-One image of uniform noise per run checks the OOD alarm. A run trained before task inference existed has its stages
-described here from the cache workspace (each task's training cases, leave-one-out calibration, as `run` does).
+One image of uniform noise per run, and each site's test cases against the other sites' descriptions only (a site
+never seen), check the OOD alarm. A run trained before task inference existed has its stages described here from
+the cache workspace (each task's training cases, leave-one-out calibration, as `run` does).
 Writes benchmarks/results/head_choice.{md,json}.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from lifelong_nnunet.deploy import _load_run_network, select_model, task_chooser
 from lifelong_nnunet.evaluation.metrics import score_case
 from lifelong_nnunet.io_utils import write_json, write_text
+from lifelong_nnunet.names import short_task_name
 from lifelong_nnunet.nnunet.env import resolve_device
 from lifelong_nnunet.nnunet.planning import Workspace
 from lifelong_nnunet.nnunet.predictor import Segmenter, read_label
@@ -28,7 +30,7 @@ from lifelong_nnunet.run_folder import RunFolder
 from lifelong_nnunet.runner import default_cache_dir
 from lifelong_nnunet.stages.description import describe_task
 from lifelong_nnunet.tasks import load_task
-from lifelong_nnunet.task_inference import TASK_CHOICES
+from lifelong_nnunet.task_inference import TASK_CHOICES, choose, image_features
 
 
 def mean_dice(pred, ref, labels) -> float:
@@ -85,6 +87,16 @@ def evaluate(run_dir: Path, cache_dir: Path | None = None) -> dict:
                             f"{rule}_margin": choice.margin, f"{rule}_ood": choice.ood,
                             f"{rule}_dice": dice[choice.task]})
             rows.append(row)
+    # an unseen site: each task's test cases against the other tasks' descriptions only
+    described = run.read_task_descriptions([s.index for s in run.read_schedule()])
+    unseen = {}
+    for name, t in tasks.items():
+        others = {k: v for k, v in described.items() if k != name}
+        flags = []
+        for cid in t.test_cases:
+            image, props = segmenters[name].read(list(t.cases[cid].images))
+            flags.append(choose(others, image_features(segmenters[name].preprocess(image, props))).ood)
+        unseen[name] = float(np.mean(flags))
     noise = np.random.default_rng(0).uniform(image.min(), image.max(), image.shape).astype(np.float32)
     unlike = choosers["description"](noise, props)
     storage = [run.task_description(s.index).stat().st_size for s in run.read_schedule()]
@@ -92,6 +104,7 @@ def evaluate(run_dir: Path, cache_dir: Path | None = None) -> dict:
               "dice_oracle": float(np.mean([r["dice_oracle"] for r in rows])),
               "predict_seconds": float(np.mean([r["predict_seconds"] for r in rows])),
               "description_bytes_per_stage": storage, "noise_image_flagged": bool(unlike.ood),
+              "unseen_site_flagged": unseen,
               "noise_image_distance_over_threshold": unlike.scores[unlike.task] / unlike.threshold, "cases": rows}
     for rule in TASK_CHOICES:
         result[rule] = {"accuracy": float(np.mean([r[f"{rule}_correct"] for r in rows])),
@@ -124,9 +137,13 @@ def main() -> None:
                          + (f"{x['ood_test_cases']}/{n}" if rule == "description" else "— (no OOD test)") + " |")
     noise = ", ".join(f"{r['method']}: {'flagged' if r['noise_image_flagged'] else 'NOT flagged'} "
                       f"(distance {r['noise_image_distance_over_threshold']:.0f}x the threshold)" for r in results)
+    unseen = "; ".join(f"{r['method']}: " + ", ".join(f"{short_task_name(t)} {v:.0%}" for t, v in
+                                                      r["unseen_site_flagged"].items()) for r in results)
     text = ("\n".join(lines) + "\n\nAll test cases of the three hippocampus-sites tasks, final model of each run. "
             "Entropy: every head segments the image, so its added time is the other heads' predictions. "
-            f"One image of uniform noise per run: {noise}.\n" + (f"\n{args.note}\n" if args.note else ""))
+            f"One image of uniform noise per run: {noise}. A site the model never saw (each task's test cases "
+            f"against the other tasks' descriptions only), share flagged OOD: {unseen}.\n"
+            + (f"\n{args.note}\n" if args.note else ""))
     write_text(args.results / "head_choice.md", text)
     write_json(args.results / "head_choice.json", {"note": args.note, "runs": results})
     print(text)
