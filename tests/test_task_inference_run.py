@@ -1,6 +1,7 @@
 """Task inference in a real (tiny) multihead run: each stage stores its description, every stage is also scored with
 the inferred head (summary.json and the report show both), and `predict` without --task writes the per-case file
-and warns on an image unlike any site. nnU-Net's 2d configuration, 2 x 3 iterations per stage."""
+and warns on an image unlike any site. nnU-Net's 2d configuration, 2 iterations per stage (nothing checked here
+depends on how well the heads segment)."""
 from __future__ import annotations
 
 import shutil
@@ -16,7 +17,7 @@ from lifelong_nnunet.run_folder import PredictionFolder, RunFolder
 from lifelong_nnunet.runner import run_experiment
 
 pytestmark = pytest.mark.slow
-BUDGET = {"epochs": 2, "iterations_per_epoch": 3, "val_iterations": 1, "batch_size": 2}
+BUDGET = {"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1, "batch_size": 2}
 
 
 @pytest.fixture(scope="module")
