@@ -76,10 +76,7 @@ def test_predict_without_task_records_each_choice_and_warns_on_an_unlike_image(m
     assert {f"score_{t}" for t in tasks} <= set(choices.columns) and (choices.margin >= 0).all()
     assert bool(choices.loc["noise", "ood"]) and choices.loc["noise", "score"] > choices.loc["noise", "threshold"]
     assert len(warnings) == 1 + int(bool(choices.drop("noise").ood.any())) and "'noise'" in warnings[0]
-
-    predict(multihead_run, inputs, tmp_path / "out_entropy", device="cpu", task_choice="entropy")
-    entropy = pd.read_csv(PredictionFolder(tmp_path / "out_entropy").task_choices)
-    assert set(entropy.rule) == {"entropy"} and entropy.ood.isna().all()  # the entropy rule has no OOD test
+    # (the entropy rule, --task-choice entropy, is the method's choose_task: tests/test_methods_architecture.py)
 
 
 def test_an_unknown_task_choice_is_refused_before_anything_is_written(multihead_run, tmp_path):
