@@ -74,6 +74,7 @@ def test_report_of_an_old_run_reproduces_its_summary(old_run):
     # keys added since (cells not evaluated, the stage history) hold their empty values for an old run; every key
     # the old summary had is reproduced
     assert summary.pop("not_evaluated") == [] and summary.pop("history") == [] and summary.pop("notes") == []
+    assert summary.pop("task_agnostic") is None  # a method without heads
     for entry in summary["by_metric"].values():
         assert entry.pop("n_not_evaluated") == 0
     assert _close(summary, before)
