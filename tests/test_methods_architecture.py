@@ -283,9 +283,9 @@ def test_choose_task_picks_the_confident_head(split, confident):
         with torch.no_grad():
             return torch.softmax(module(x), 1)[0].numpy()
 
-    assert method.choose_task(net, segment_with, [T1, T2]) == confident
+    assert method.choose_task(net, segment_with, [T1, T2]).task == confident
     assert len(calls) == 2 and all(type(m) is PlainConvUNet for m in calls)
-    assert method.choose_task(net, segment_with, [confident]) == confident  # one candidate: no prediction needed
+    assert method.choose_task(net, segment_with, [confident]).task == confident  # one candidate: no prediction needed
     auto = method.network_for_task(net, None)
     with torch.no_grad():
         out = auto(x)

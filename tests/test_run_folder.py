@@ -74,6 +74,7 @@ def test_report_of_an_old_run_reproduces_its_summary(old_run):
     # keys added since (cells not evaluated, the stage history) hold their empty values for an old run; every key
     # the old summary had is reproduced
     assert summary.pop("not_evaluated") == [] and summary.pop("history") == [] and summary.pop("notes") == []
+    assert summary.pop("task_agnostic") is None  # a method without heads
     for entry in summary["by_metric"].values():
         assert entry.pop("n_not_evaluated") == 0
     # what a format-1 run never recorded reads as not recorded (None), never as zero
@@ -221,7 +222,8 @@ def test_a_sweep_folder_without_sweep_json_is_a_user_error(tmp_path):
 # so only the names that are this project's alone are checked.
 OWN_NAMES = ("experiment.json", "splits.json", "schedule.json", "labels.json", "summary.json", "results.csv",
              "report.md", "run.log", "eval.csv", "model.pt", "format.json", "sweep.json", "runs.csv", "sweep.log",
-             "comparison.html", "chosen_tasks.json", "demo.json", "result_matrix.png", "task_curves.png")
+             "comparison.html", "task_choices.csv", "task_description.json", "demo.json", "result_matrix.png",
+             "task_curves.png")
 
 
 def test_no_module_but_run_folder_spells_a_run_folder_file_name():

@@ -279,13 +279,18 @@ def predict(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     probabilities: bool = typer.Option(False, help="Also write per-class probabilities (.npz)."),
     mirroring: bool = typer.Option(False, help="Test-time mirroring (slower, slightly better)."),
+    task_choice: str = typer.Option("description", help="Without --task, for models with one head per task: "
+                                    "'description' (the stages' image descriptions, with an out-of-distribution "
+                                    "flag) or 'entropy' (the least uncertain head; the baseline). Every choice goes "
+                                    "to task_choices.csv in the output folder."),
 ) -> None:
     """Segment new images with everything the run's model has learned."""
     from .deploy import predict as do_predict
     with progress_bar() as bar:
         job = bar.add_task("Predicting", total=None, info="")
         written = do_predict(run_dir, input_dir, output_dir, task, device, probabilities, mirroring,
-                             progress=lambda i, n, case: bar.update(job, completed=i, total=n, info=case))
+                             progress=lambda i, n, case: bar.update(job, completed=i, total=n, info=case),
+                             task_choice=task_choice, warn=lambda line: console.print(f"[yellow]Warning:[/] {line}"))
     console.print(f"Wrote {len(written)} label map(s) to {output_dir}")
 
 

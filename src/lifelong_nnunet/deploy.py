@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -10,6 +12,7 @@ from .errors import UserInputError
 from .io_utils import atomic_directory, atomic_write, write_json
 from .names import names_task
 from .run_folder import NnunetModelFolder, PredictionFolder, RunFolder, is_one_model_per_task, load_model
+from .task_inference import TASK_CHOICES, TaskChoice, choose, image_features
 
 
 def select_model(run_dir: Path, task: str | None = None) -> Path:
@@ -126,12 +129,49 @@ def find_inputs(folder: Path, n_channels: int, file_ending: str) -> dict[str, li
     return cases
 
 
+def task_chooser(run: RunFolder, method, network, seen: list[str], rule: str,
+                 make_segmenter: Callable[[torch.nn.Module], Any],
+                 up_to_stage: int | None = None) -> Callable[[Any, dict], TaskChoice] | None:
+    """How the task of an image is chosen when none is given: ``None`` when the method has no per-task parts to
+    choose between; else a function of (raw image, its properties) that returns a `TaskChoice` by ``rule``:
+
+    - ``"description"`` (default): the stages' image descriptions (`task_inference`), scored on the image as nnU-Net
+      preprocesses it; a run without them is refused (UserInputError naming the missing file);
+    - ``"entropy"``: the method's own rule (`Method.choose_task`), every head segmenting the image.
+
+    ``up_to_stage``: only the descriptions of stages up to this one (the model of an earlier stage)."""
+    if rule not in TASK_CHOICES:
+        raise UserInputError(f"--task-choice '{rule}' is not a rule; use one of {', '.join(TASK_CHOICES)}.")
+    if not method.infers_task:
+        return None
+    if rule == "entropy":
+        def by_entropy(image, props):
+            return method.choose_task(network, lambda m: make_segmenter(m).predict_arrays(
+                image, props, probabilities=True)[1], seen)
+        return by_entropy
+    stages = [s.index for s in run.read_schedule() if set(s.train_tasks) & set(seen)
+              and (up_to_stage is None or s.index <= up_to_stage)]
+    descriptions = run.read_task_descriptions(stages)
+    preprocessor = make_segmenter(method.network_for_task(network, seen[-1]))
+
+    def by_description(image, props):
+        return choose(descriptions, image_features(preprocessor.preprocess(image, props)), seen)
+    return by_description
+
+
 def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None = None, device: str = "auto",
-            probabilities: bool = False, mirroring: bool = False, progress=None) -> list[Path]:
-    """Segment every case in ``input_dir`` with the run's final model; one label map per case, same geometry."""
+            probabilities: bool = False, mirroring: bool = False, progress=None, task_choice: str = "description",
+            warn: Callable[[str], None] = print) -> list[Path]:
+    """Segment every case in ``input_dir`` with the run's final model; one label map per case, same geometry.
+
+    Without ``task``, a model with one head per task chooses the head per case (`task_chooser`, rule
+    ``task_choice``) and writes every choice, its margin and its out-of-distribution flag to the per-case file
+    (`PredictionFolder.task_choices`); ``warn`` gets one line per case that fits no stage."""
     from .nnunet.env import resolve_device
     from .nnunet.predictor import Segmenter
     import numpy as np
+    if task_choice not in TASK_CHOICES:
+        raise UserInputError(f"--task-choice '{task_choice}' is not a rule; use one of {', '.join(TASK_CHOICES)}.")
     run_dir = Path(run_dir)
     model = select_model(run_dir, task)
     method, full_net, seen, _, djson, exp = _load_run_network(run_dir, model)
@@ -140,24 +180,30 @@ def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None =
     net = method.network_for_task(full_net, task)
     cases = find_inputs(input_dir, len(djson["channel_names"]), djson["file_ending"])
     dev = resolve_device(device)
-    seg = Segmenter(net, plans, exp.configuration, djson, dev, mirroring)
+
+    def make_segmenter(module):
+        return Segmenter(module, plans, exp.configuration, djson, dev, mirroring)
+    chooser = None if task is not None else task_chooser(RunFolder(run_dir), method, full_net, seen, task_choice,
+                                                         make_segmenter)
+    seg = make_segmenter(net)
     output = PredictionFolder(Path(output_dir))
     output.root.mkdir(parents=True, exist_ok=True)
     written = []
-    # no --task: a method that picks a part of its network per image (e.g. one head per task) chooses per case
-    by_task, choices = {}, {}
+    by_task, choices = {}, []
     for i, (case, files) in enumerate(sorted(cases.items())):
         image, props = seg.read(files)
-        chosen = None if task is not None else method.choose_task(
-            full_net, lambda m: Segmenter(m, plans, exp.configuration, djson, dev, mirroring)
-            .predict_arrays(image, props, probabilities=True)[1], seen)
-        if chosen is not None:
-            choices[case] = chosen
-            if chosen not in by_task:
-                by_task[chosen] = Segmenter(method.network_for_task(full_net, chosen),
-                                            RunFolder(run_dir).task_plans(chosen, exp.configuration),
-                                            exp.configuration, djson, dev, mirroring)
-            seg = by_task[chosen]
+        if chooser is not None:
+            choice = chooser(image, props)
+            choices.append(choice.record(case))
+            if choice.ood:
+                warn(f"Case '{case}' fits no trained task: its distance to the nearest, {choice.task}, is "
+                     f"{choice.scores[choice.task]:.1f} (threshold {choice.threshold:.1f}). It looks unlike every "
+                     f"site the model was trained on; check its segmentation before use.")
+            if choice.task not in by_task:
+                by_task[choice.task] = Segmenter(method.network_for_task(full_net, choice.task),
+                                                 RunFolder(run_dir).task_plans(choice.task, exp.configuration),
+                                                 exp.configuration, djson, dev, mirroring)
+            seg = by_task[choice.task]
         out = output.label_map(case, djson["file_ending"])
         if probabilities:
             labels, probs = seg.predict_arrays(image, props, probabilities=True)
@@ -171,7 +217,9 @@ def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None =
         if progress:
             progress(i + 1, len(cases), case)
     if choices:
-        write_json(output.chosen_tasks, choices)
+        import pandas as pd
+        frame = pd.DataFrame(choices)
+        atomic_write(output.task_choices, lambda tmp: frame.to_csv(tmp, index=False), suffix=".csv")
     return written
 
 

@@ -31,6 +31,10 @@ A run folder (``RUN_FORMAT`` 2)::
                          seconds, peak memory and device, written while it happens (optional in every format: a
                          folder written before it existed reads as "not recorded")
     stages/stage_<k>/nnunet/     nnU-Net's own results folder while the stage trains
+    stages/stage_<k>/task_description.json    methods with per-task parts (heads): what each task of the stage
+                         looks like, parameters only (task_inference.StageDescription), for predict without --task
+    stages/stage_<k>/eval_task_agnostic/<task>.csv    the same cell scored with the head task inference chose per
+                         case (RESULT_COLUMNS + chosen_task, ood)
     replay/<task>/       rehearsal only: preprocessed copies of the bounded replay buffer, the one image data a
                          run folder may hold (methods that declare ``keeps_old_data``)
     results.csv          every cell, gathered in stage and task order
@@ -88,6 +92,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .experiment import Experiment
     from .labels import LabelSpace
+    from .task_inference import StageDescription
 
 RUN_FORMAT = 2
 # Columns of a stage's eval.csv and of results.csv: one row per (stage, task, case, label, metric).
@@ -368,6 +373,14 @@ class RunFolder(_Folder):
         for earlier stages, and a task whose test data are gone simply has none."""
         return self.stage_dir(index) / "eval" / f"{task}.csv"
 
+    def task_description(self, index: int) -> Path:
+        """The per-task image descriptions of stage ``index`` (`task_inference`); methods with heads only."""
+        return self.stage_dir(index) / "task_description.json"
+
+    def task_agnostic_cell(self, index: int, task: str) -> Path:
+        """Cell R[stage][task] scored with the head that task inference chose for each case (not the oracle's)."""
+        return self.stage_dir(index) / "eval_task_agnostic" / f"{task}.csv"
+
     @property
     def task_records(self) -> Path:
         return self.root / "tasks.json"
@@ -505,6 +518,38 @@ class RunFolder(_Folder):
 
     def write_cell(self, index: int, task: str, scores: pd.DataFrame) -> None:
         _write_csv(self.cell_eval(index, task), scores)
+
+    def write_task_description(self, index: int, descriptions: Mapping[str, StageDescription]) -> None:
+        write_json(self.task_description(index), {"format": 1, "tasks": {t: d.to_json()
+                                                                         for t, d in descriptions.items()}})
+
+    def read_task_descriptions(self, indices: Iterable[int]) -> dict[str, StageDescription]:
+        """Every task's description from the stages ``indices`` (a later stage's wins for a task trained twice);
+        a UserInputError naming the file when one is missing (a run trained before task inference existed)."""
+        from .task_inference import FEATURES_VERSION, StageDescription
+        found: dict[str, StageDescription] = {}
+        for index in indices:
+            path = self.task_description(index)
+            if not path.is_file():
+                raise RunFolderError(
+                    f"{path} is missing: stage {index} of {self.root} has no description of its images, so the task "
+                    f"of an image cannot be inferred from it (the run was trained before task inference existed). "
+                    f"Give the task with --task, or choose by the heads' entropy with --task-choice entropy.")
+            for task, data in _read_json(path)["tasks"].items():
+                d = StageDescription.from_json(data)
+                if d.features_version != FEATURES_VERSION:
+                    raise RunFolderError(f"{path} describes images with features of version {d.features_version}; "
+                                         f"this installation computes version {FEATURES_VERSION}. Use "
+                                         f"--task-choice entropy or --task, or the version that made the run.")
+                found[task] = d
+        return found
+
+    def read_task_agnostic_cell(self, index: int, task: str) -> pd.DataFrame | None:
+        path = self.task_agnostic_cell(index, task)
+        return _read_csv(path) if path.is_file() else None
+
+    def write_task_agnostic_cell(self, index: int, task: str, scores: pd.DataFrame) -> None:
+        _write_csv(self.task_agnostic_cell(index, task), scores)
 
     def read_task_records(self) -> dict[str, dict] | None:
         """Task name -> record (`tasks.task_record`), in training order; None for a format-1 folder."""
@@ -665,8 +710,9 @@ class PredictionFolder(_Folder):
         return self.root / f"{case}_probabilities.npz"
 
     @property
-    def chosen_tasks(self) -> Path:
-        return self.root / "chosen_tasks.json"
+    def task_choices(self) -> Path:
+        """Per case: the task chosen without --task, the rule, the margin and the out-of-distribution flag."""
+        return self.root / "task_choices.csv"
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,7 @@ def advance(exp: Experiment, run: RunFolder, workspace, tasks: list[Task], metho
     still has its test data), then write results.csv, summary.json and the report. ``origin`` ("run" or "extend")
     goes into the history of each stage trained now."""
     from .nnunet.env import resolve_device
-    from .stages import RunContext, StageTraining, evaluate_stage
+    from .stages import RunContext, StageTraining, evaluate_stage, evaluate_task_agnostic
     record_normalisation(run, workspace, tasks, exp.configuration, log)
     ctx = RunContext(exp, run, workspace, tasks, method, resolve_device(exp.device), log, labels, stages)
     training = StageTraining(ctx)
@@ -216,6 +216,7 @@ def advance(exp: Experiment, run: RunFolder, workspace, tasks: list[Task], metho
         else:
             training.train(stage, origin)
         evaluate_stage(ctx, stage.index, stage.label)
+        evaluate_task_agnostic(ctx, stage.index, stage.label)  # methods with heads: the head inferred per case
     cells = [run.read_cell(i, t.name) for i in [0, *(s.index for s in stages)] for t in tasks]
     run.write_results(pd.concat([c for c in cells if c is not None]))
     summary = write_summary_and_report(run.root)

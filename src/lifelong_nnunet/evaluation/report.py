@@ -14,6 +14,7 @@ import math
 import pandas as pd
 
 from .metrics import metric_spec
+from .task_agnostic import task_agnostic_lines
 
 UNDEFINED = "—"
 NOT_EVALUATED = "not evaluated (test data absent)"
@@ -115,6 +116,7 @@ def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], image
         rows += [["final average vs. joint (upper bound)", _fmt(gaps.get("vs_joint"))]]
         lines += _table(["comparison", f"{name} gap"], rows)
 
+    lines += task_agnostic_lines(summary.get("task_agnostic"), row_labels)  # methods with heads (own section)
     if summary.get("notes"):  # what a method could not do as configured (`Method.notes`)
         lines += ["", "## Notes", "", *[f"- {n}" for n in summary["notes"]]]
     lines += _history(summary.get("history") or [])

@@ -24,6 +24,7 @@ from . import run_facts as facts
 from .metrics import METRICS, metric_spec
 from .plots import plot_result_matrix, plot_task_curves
 from .report import render_details_markdown, render_markdown
+from .task_agnostic import task_agnostic_summary
 
 
 def load_run(run_dir: Path) -> tuple[Experiment, list[str], pd.DataFrame]:
@@ -77,6 +78,7 @@ def summarize(run_dir: Path, metric: str | None = None) -> dict:
         summary[key] = max(values) if values else None
     summary["notes"] = list(dict.fromkeys(n for i in infos for n in i.get("notes", [])))  # each once, in order
     summary["by_metric"] = by_metric
+    summary["task_agnostic"] = task_agnostic_summary(run, tasks, metric, head["R"], len(head["R"]))
     summary["history"] = run.read_history()
     summary.update(run_description(run, exp, schedule, by_stage, results, tasks, metric))
     return summary

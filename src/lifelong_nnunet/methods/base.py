@@ -26,6 +26,7 @@ from .params import Param, closest
 if TYPE_CHECKING:  # pragma: no cover
     from ..experiment import Scenario
     from ..labels import LabelSpace
+    from ..task_inference import TaskChoice
 
 #: Where a stage's weights come from: the previous stage's final model, or the untrained stage-0 model.
 StageInit = Literal["previous", "initial"]
@@ -173,6 +174,9 @@ class Method:
     #: calibration): a model imported with ``run --start-from`` was trained elsewhere, so the method cannot start
     #: from it without that data.
     learns_state_from_task_data: ClassVar[bool] = False
+    #: True when the method has per-task parts to choose between at prediction time (one head per task): each stage
+    #: then stores a description of its images (`task_inference`), and `predict` without --task infers the task.
+    infers_task: ClassVar[bool] = False
     #: Scenarios the method is defined for ("domain": same labels, new appearance; "class": new structures).
     scenarios: ClassVar[tuple[Scenario, ...]] = ("domain", "class")
 
@@ -290,13 +294,15 @@ class Method:
         return None
 
     def choose_task(self, network: torch.nn.Module, segment_with: Callable[[torch.nn.Module], Any],
-                    tasks: Sequence[str]) -> str | None:
-        """For ``predict`` without ``--task``: the task whose part of ``network`` segments this image, or ``None``
-        when one module serves every image (``network_for_task(network, None)``), which is the default.
+                    tasks: Sequence[str]) -> TaskChoice | None:
+        """The method's own rule for ``predict --task-choice entropy`` (no ``--task``): the task whose part of
+        ``network`` segments this image, with its scores, or ``None`` when one module serves every image
+        (``network_for_task(network, None)``), which is the default. By default ``predict`` infers the task from
+        the stages' image descriptions instead (`task_inference`, for methods with ``infers_task``).
 
         ``segment_with(module)`` returns the class probabilities ``module`` gives for the image (channels first,
         through nnU-Net's sliding-window predictor); ``tasks`` are the candidates (the tasks the model was trained
-        on). ``predict`` records every choice in ``chosen_tasks.json``."""
+        on). ``predict`` records every choice in its per-case file (`PredictionFolder.task_choices`)."""
         return None
 
     # ---- resume --------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Multi-head: a shared nnU-Net body and one output head per task (domain-specific heads, Li & Hoiem 2017 style).
 
 Stage t trains the body and task t's head, which starts as a copy of head t-1; the other heads are untouched. A task
-is segmented by its own head; a task not trained yet by the newest head; with no task given, `choose_task` picks the
-head that is least uncertain about the image. See docs/methods/multihead.md.
+is segmented by its own head; a task not trained yet by the newest head; with no task given, `predict` infers the task
+from the stages' image descriptions (`task_inference`), or with ``--task-choice entropy`` `choose_task` picks the head
+that is least uncertain about the image. See docs/methods/multihead.md.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..networks.multihead import (
     choose_head,
     unwrap,
 )
+from ..task_inference import TaskChoice, entropy_choice
 from .base import Method, Stage
 from .params import one_of
 
@@ -25,6 +27,7 @@ class MultiHead(Method):
     name = "multihead"
     scenarios = ("domain",)  # one head per domain; for new structures use frozen_encoder_decoders
     params = {"split": one_of("seg_layers", SPLITS)}
+    infers_task = True
 
     # ---- architecture ---------------------------------------------------------------------------------------
     def adapt_network(self, network: torch.nn.Module, tasks_so_far: list[str]) -> torch.nn.Module:
@@ -51,9 +54,10 @@ class MultiHead(Method):
         return network.single_head_view(task if task in network.tasks else network.tasks[-1])
 
     def choose_task(self, network: torch.nn.Module, segment_with: Callable[[torch.nn.Module], object],
-                    tasks: Sequence[str] | None = None) -> str:
-        """The task whose head is least uncertain about one image: lowest mean normalised entropy of its softmax
-        probabilities over the voxels any head labels foreground (`networks.multihead.mean_entropy`).
+                    tasks: Sequence[str] | None = None) -> TaskChoice:
+        """The entropy rule (the baseline of `task_inference`): the task whose head is least uncertain about one
+        image, lowest mean normalised entropy of its softmax probabilities over the voxels any head labels foreground
+        (`networks.multihead.mean_entropy`), with every candidate's entropy as its scores.
 
         ``segment_with(module)`` returns the class probabilities (channels first) that ``module`` gives for the
         image, e.g. through nnU-Net's sliding-window predictor. Only ``tasks`` (default: all heads) compete."""
@@ -61,8 +65,9 @@ class MultiHead(Method):
         if isinstance(network, AutoHeadNetwork):
             network = network.network
         if not isinstance(network, MultiHeadNetwork):
-            return list(tasks)[-1] if tasks else ""
-        return choose_head(network, segment_with, tasks)[0]
+            task = list(tasks)[-1] if tasks else ""
+            return entropy_choice(task, {task: float("nan")})
+        return entropy_choice(*choose_head(network, segment_with, tasks))
 
     # ---- training -------------------------------------------------------------------------------------------
     def before_stage(self, trainer, stage: Stage) -> None:

@@ -1,6 +1,7 @@
 """Full sliding-window inference through nnU-Net's own predictor, initialised manually (no lookup by name)."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,16 @@ class Segmenter:
 
     def read(self, image_files: list[Path]) -> tuple[np.ndarray, dict]:
         return self.io.read_images([str(p) for p in image_files])
+
+    def preprocess(self, image: np.ndarray, properties: dict) -> np.ndarray:
+        """The image as the network sees it: nnU-Net's preprocessing of the configuration (crop, normalise,
+        resample), exactly as its training data were preprocessed (`nnunet.trainer.read_preprocessed_image`)."""
+        p = self.predictor
+        preprocessor = p.configuration_manager.preprocessor_class(verbose=False)
+        with silenced_stdout():
+            data, _, _ = preprocessor.run_case_npy(image, None, copy.deepcopy(properties), p.plans_manager,
+                                                   p.configuration_manager, p.dataset_json)
+        return data
 
     def predict_arrays(self, image: np.ndarray, properties: dict, probabilities: bool = False):
         """Label map in the input's voxel grid (z, y, x as SimpleITK reads it); optionally the class probabilities."""

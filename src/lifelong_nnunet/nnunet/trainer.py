@@ -332,3 +332,11 @@ def build_network(plans: dict, configuration: str, dataset_json: dict, deep_supe
     n_in = determine_num_input_channels(pm, cm, dataset_json)
     n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
     return nnUNetTrainer.build_network_architecture(pm, cm, n_in, n_out, deep_supervision)
+
+
+def read_preprocessed_image(folder: Path, case: str) -> np.ndarray:
+    """One case's preprocessed image (channels first) from nnU-Net's preprocessed ``folder``, in whatever format
+    nnU-Net wrote it; the same array `predictor.Segmenter.preprocess` makes of a raw image."""
+    dataset = infer_dataset_class(str(folder))(str(folder), [case])
+    data = dataset.load_case(case)[0]
+    return np.asarray(data[:], dtype=np.float32)

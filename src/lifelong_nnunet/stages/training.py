@@ -142,6 +142,9 @@ class StageTraining:
                     ctx.method.after_stage(trainer, stage)
         if ctx.method.keeps_old_data:
             self.keep_for_replay(stage)
+        if ctx.method.infers_task:  # before model.pt: a stage with a model is complete, description included
+            from .description import describe_stage
+            describe_stage(ctx, stage)
         session.save()
         save_model(run.model(stage.index), trainer.network.state_dict(), ctx.method.state_dict(),
                    {"stage": stage.index, "trained_on": list(stage.train_tasks),
