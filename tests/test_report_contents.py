@@ -85,7 +85,8 @@ def test_a_resumed_stage_adds_up_its_sessions_and_the_missing_parts_are_named(tm
             "20, stage 2: 3 x 20") in report
     assert "| Dataset911_Spine | 4 | 1 | 2 | spine_t0, spine_t1 |" in report
     assert summary["data"]["Dataset912_Lung"] == {"n_train": 4, "n_validation": 1, "n_test": 2,
-                                                  "test_cases": ["lung_t0", "lung_t1"], "imported": False}
+                                                  "test_cases": ["lung_t0", "lung_t1"], "imported": False,
+                                                  "normalisation": None}
     assert json.loads(run.summary.read_text())["resources"] == res
 
 

@@ -83,7 +83,8 @@ def test_report_of_an_old_run_reproduces_its_summary(old_run):
     assert resources["not_recorded"] == ["stage 0 evaluation", "stage 1 training", "stage 1 evaluation",
                                          "stage 2 training", "stage 2 evaluation"]
     assert data["Dataset901_SynthSiteA"] == {"n_train": None, "n_validation": None, "n_test": 2,
-                                             "test_cases": ["synthsite_a_003", "synthsite_a_004"], "imported": False}
+                                             "test_cases": ["synthsite_a_003", "synthsite_a_004"], "imported": False,
+                                                 "normalisation": None}
     assert summary.pop("warnings") == [] and summary.pop("learned_nothing") == {"stages": [], "labels": []}
     assert summary.pop("budget")["stages"] == [{"stage": 1, "epochs": 1, "iterations_per_epoch": 2, "imported": False},
                                                {"stage": 2, "epochs": 1, "iterations_per_epoch": 2, "imported": False}]

@@ -70,8 +70,9 @@ def budget(run: RunFolder, exp: Experiment, infos: dict[int, dict]) -> dict:
         batch, source = planned.get("batch_size"), "nnU-Net plans" if "batch_size" in planned else None
     from ..nnunet.planning import describe_plans
     plans = run.read_plans() if run.plans.is_file() else None
-    planned = describe_plans(plans, exp.configuration) if plans and exp.configuration in plans.get(
-        "configurations", {}) else None
+    config = (plans or {}).get("configurations", {}).get(exp.configuration, {})
+    planned = describe_plans(plans, exp.configuration) if {"patch_size", "batch_size", "spacing"} <= set(config) \
+        else None
     return {"configuration": exp.configuration, "batch_size": batch, "batch_size_from": source,
             "requested_device": exp.device, "plans": planned, "planning": (run.read_planning() or {}).get("reason"),
             "stages": [{"stage": index, "epochs": info.get("epochs"),
