@@ -184,13 +184,17 @@ class ContinualTrainer(nnUNetTrainer):
             None, val_workers, num_cached_per_queue=max(2, -(-3 // val_workers)), pin_memory=pin, wait_time=0.002)
         return train, val
 
-    def _loaders_usable(self) -> bool:
-        """In-process loaders serve batches at any time; worker loaders only until `on_train_end` stops them (after
-        that, `training_batches` and `validation_batches` build new ones, seeded at the stage's end)."""
+    def _ensure_loaders(self) -> None:
+        """Loaders for `training_batches` and `validation_batches`: the training loop's while they run (in-process
+        ones serve batches at any time, worker ones until `on_train_end` stops them), else new in-process ones.
+        Batches outside the training loop (importances after a stage, ...) are few, and a generator that nobody
+        finishes would leave its worker processes behind; in this process they draw from its seeded generators."""
         loader = self.dataloader_train
-        if isinstance(loader, MultiThreadedAugmenter):
-            return loader.was_initialized
-        return loader is not None and hasattr(loader, "data_loader")
+        usable = loader.was_initialized if isinstance(loader, MultiThreadedAugmenter) else \
+            loader is not None and hasattr(loader, "data_loader")
+        if not usable:
+            with nnunet_env(nnUNet_n_proc_DA="0"):
+                self.dataloader_train, self.dataloader_val = self.get_dataloaders()
 
     def get_tr_and_val_datasets(self):
         cls = infer_dataset_class(str(self.sources[0].folder))
@@ -221,8 +225,7 @@ class ContinualTrainer(nnUNetTrainer):
     def training_batches(self, n: int):
         """``n`` augmented training batches of this stage's sources (for importance estimates after training),
         targets mapped like in training (class scenario: global IDs, the channels the loss compares with)."""
-        if not self._loaders_usable():
-            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        self._ensure_loaders()
         for _ in range(n):
             yield self.map_targets(next(self.dataloader_train))
 
@@ -234,8 +237,7 @@ class ContinualTrainer(nnUNetTrainer):
 
     def validation_batches(self, n: int) -> list[dict]:
         """``n`` (un-augmented) validation batches of this stage's sources, targets mapped like in training."""
-        if not self._loaders_usable():
-            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        self._ensure_loaders()
         return [self.map_targets(next(self.dataloader_val)) for _ in range(n)]
 
     def train_step(self, batch: dict) -> dict:
