@@ -6,8 +6,9 @@ task's held-out test cases predicted and scored after every stage. The two ways:
 - **ours**: one `run_experiment` (plans once, trains each stage from the previous model, evaluates every cell;
   it also evaluates the untrained stage-0 model, T more test-set predictions than the stock way).
 - **stock**: what a user does with nnunetv2 by hand: the same training cases laid out as nnU-Net raw datasets (the
-  test cases kept out); ``nnUNetv2_plan_and_preprocess`` on the first site, ``nnUNetv2_extract_fingerprint``,
-  ``nnUNetv2_move_plans_between_datasets`` and ``nnUNetv2_preprocess`` for the others (nnU-Net's command-line
+  test cases kept out); ``nnUNetv2_plan_and_preprocess`` on the first site; for the others
+  ``nnUNetv2_plan_and_preprocess --no_pp`` (fingerprint, and dataset.json where preprocessing reads it),
+  ``nnUNetv2_move_plans_between_datasets`` and ``nnUNetv2_preprocess`` (nnU-Net's command-line
   tools, one process each); each stage an ``nnUNetTrainer`` (constructed directly: nnU-Net's lookup of trainer
   classes by name imports torchvision, which breaks on this CPU torch, so ``nnUNetv2_train`` and
   ``nnUNetv2_predict`` cannot run here) started from the previous stage's ``checkpoint_final.pth`` with nnU-Net's
@@ -174,7 +175,8 @@ def run_stock(split_tasks, seed: int, budget: dict, scratch: Path, device: torch
         t0 = time.perf_counter()
         cli("nnUNetv2_plan_and_preprocess", "-d", str(first["id"]), "-c", CONFIGURATION, "-np", "2", "-npfp", "2")
         for t in others:
-            cli("nnUNetv2_extract_fingerprint", "-d", str(t["id"]), "-np", "2")
+            # fingerprint and its own plans (which also puts dataset.json where preprocessing reads it)
+            cli("nnUNetv2_plan_and_preprocess", "-d", str(t["id"]), "--no_pp", "-npfp", "2")
             cli("nnUNetv2_move_plans_between_datasets", "-s", str(first["id"]), "-t", str(t["id"]),
                 "-sp", PLANS, "-tp", PLANS)
             cli("nnUNetv2_preprocess", "-d", str(t["id"]), "-plans_name", PLANS, "-c", CONFIGURATION, "-np", "2")
