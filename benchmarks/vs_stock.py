@@ -150,10 +150,11 @@ def stock_workers() -> int:
 
 
 def run_stock(split_tasks, seed: int, budget: dict, scratch: Path, device: torch.device,
-              transfer: str = "pretrained") -> dict:
+              transfer: str = "pretrained", plan: bool = True) -> dict:
     """The stock protocol. ``transfer``: how a stage starts from the previous one: ``pretrained`` as
     ``nnUNetv2_train -pretrained_weights`` (every weight but the output layers, which start from scratch), or
-    ``full`` (every weight, as our stages do): the one difference in what is carried between stages."""
+    ``full`` (every weight, as our stages do): the one difference in what is carried between stages. ``plan``
+    False: the preprocessed folders are already in ``scratch`` (a quick check of the rest)."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -173,8 +174,9 @@ def run_stock(split_tasks, seed: int, budget: dict, scratch: Path, device: torch
     with nnunet_env(layout["raw"], layout["preprocessed"], layout["results"], **env):
         first, *others = layout["tasks"]
         t0 = time.perf_counter()
-        cli("nnUNetv2_plan_and_preprocess", "-d", str(first["id"]), "-c", CONFIGURATION, "-np", "2", "-npfp", "2")
-        for t in others:
+        plan and cli("nnUNetv2_plan_and_preprocess", "-d", str(first["id"]), "-c", CONFIGURATION, "-np", "2",
+                     "-npfp", "2")
+        for t in others if plan else []:
             # fingerprint and its own plans (which also puts dataset.json where preprocessing reads it)
             cli("nnUNetv2_plan_and_preprocess", "-d", str(t["id"]), "--no_pp", "-npfp", "2")
             cli("nnUNetv2_move_plans_between_datasets", "-s", str(first["id"]), "-t", str(t["id"]),
@@ -186,7 +188,7 @@ def run_stock(split_tasks, seed: int, budget: dict, scratch: Path, device: torch
         previous, previous_weights, matrix, comparison = None, None, [], []
         for stage, t in enumerate(layout["tasks"], start=1):
             pre = layout["preprocessed"] / t["name"]
-            plans = json.loads((pre / f"{PLANS}.json").read_text())
+            plans = dict(json.loads((pre / f"{PLANS}.json").read_text()), continue_training=False)  # run_training.py sets it
             dataset_json = json.loads((pre / "dataset.json").read_text())
             t0 = time.perf_counter()
             with silenced_stdout():
