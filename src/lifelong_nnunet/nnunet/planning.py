@@ -311,7 +311,11 @@ def _child_main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     root = Path(spec["root"])
     tasks, log = [tuple(t) for t in spec["tasks"]], lambda msg: print(PROGRESS_PREFIX + msg, flush=True)
-    with nnunet_env(root / "nnUNet_raw", root / "nnUNet_preprocessed"):
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which refuses 0: a user who trains with
+    # augmentation in the main process (nnUNet_n_proc_DA=0) still plans, with one thread
+    threads = "1" if os.environ.get("nnUNet_n_proc_DA", "").strip() == "0" else os.environ.get("nnUNet_n_proc_DA")
+    with nnunet_env(root / "nnUNet_raw", root / "nnUNet_preprocessed",
+                    **({"nnUNet_n_proc_DA": threads} if threads else {})):
         if spec["given_plans"]:
             _preprocess_with_given_plans(json.loads((root / "given_plans.json").read_text()), tasks,
                                          spec["configuration"], log)

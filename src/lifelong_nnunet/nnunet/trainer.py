@@ -6,7 +6,9 @@ What it changes and why:
 - the training step adds the method's loss terms and calls its hooks; the method is never named here;
 - checkpoints are written atomically every epoch, hold only tensors and plain data (loadable with
   ``weights_only=True``), and carry the method's state, so a killed stage resumes where it stopped;
-- every epoch is seeded from (seed, stage, epoch), so a resumed stage draws the same random numbers;
+- every epoch is seeded from (seed, stage, epoch), so a resumed stage draws the same random numbers; with
+  augmentation workers (``nnUNet_n_proc_DA`` > 0) every batch is drawn in a worker seeded from
+  (seed, stage, epoch, batch) and the workers' batches are taken in a fixed order (`SeededBatches`);
 - nnU-Net's console printing is replaced by a progress callback.
 
 It implements `methods.base.TrainerView`, which is all a method's hooks may use of it.
@@ -20,8 +22,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class, nnUNetBaseDataset
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
@@ -29,6 +33,7 @@ from ..console import no_progress
 from ..io_utils import atomic_write
 from ..methods.base import Method, Stage, StageState
 from ..seeding import seed_everything
+from .env import nnunet_env
 from .network import set_deep_supervision
 
 LATEST = "checkpoint_latest.pth"
@@ -74,6 +79,41 @@ class MultiSourceDataset(nnUNetBaseDataset):
     @staticmethod
     def get_identifiers(folder: str) -> list[str]:  # pragma: no cover
         raise NotImplementedError
+
+
+class SeededBatches:
+    """nnU-Net's data loader for augmentation workers, each batch drawn from generators seeded by its place in the
+    stage: (seed, stage, stream, epoch, batch within the epoch).
+
+    nnU-Net hands its loader to ``NonDetMultiThreadedAugmenter`` with ``seeds=None``: every worker starts from OS
+    entropy and the main process takes whichever batch is ready first, so no two runs see the same batches.
+    Here batchgenerators' ordered ``MultiThreadedAugmenter`` takes the workers' batches round-robin, so worker
+    ``t`` of ``n`` produces the stage's batches ``start + t``, ``start + t + n``, ... and reseeds Python's, numpy's
+    and torch's generators before each one. A batch then depends only on its index, not on which worker drew it
+    or on what that worker drew before: two runs with the same seed see the same batches, a resumed stage
+    (``start`` = its first epoch x batches per epoch) continues the stream of the uninterrupted one, and 1 and 2
+    workers give the same stream. Seeding per batch costs microseconds against a batch's augmentation (tenths of
+    a second). ``stream`` keeps the training and validation batches apart.
+    """
+
+    def __init__(self, loader, key: tuple[int, ...], per_epoch: int, start: int, workers: int):
+        self.loader, self.key, self.per_epoch, self.start, self.workers = loader, key, per_epoch, start, workers
+        self.thread, self.drawn = 0, 0
+
+    def set_thread_id(self, thread_id: int) -> None:
+        """Called once in each worker process, before its first batch (batchgenerators' producer)."""
+        self.loader.set_thread_id(thread_id)
+        self.thread, self.drawn = thread_id, 0
+        torch.set_num_threads(1)  # as nnU-Net's own workers: one thread each, the cores are shared among them
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        index = self.start + self.thread + self.drawn * self.workers
+        self.drawn += 1
+        seed_everything(*self.key, index // self.per_epoch, index % self.per_epoch)
+        return next(self.loader)
 
 
 class ContinualTrainer(nnUNetTrainer):
@@ -129,6 +169,44 @@ class ContinualTrainer(nnUNetTrainer):
         return (self._progress or no_progress)(description, total)
 
     # ---- data ----------------------------------------------------------------------------------------------
+    def get_dataloaders(self):
+        """nnU-Net's loaders; with augmentation workers, run by batchgenerators' ordered augmenter on
+        `SeededBatches` instead of nnU-Net's unseeded one (same worker counts: ``nnUNet_n_proc_DA`` for training,
+        half of it, at least 1, for validation; pinned memory on CUDA).
+
+        nnU-Net builds its loaders (transforms, patch sizes, oversampling) inside ``get_dataloaders``; it is asked
+        for in-process ones here, so none of that is copied, and their loaders are handed to the workers. That
+        costs the one training and one validation batch nnU-Net draws to start its augmenters, once per stage."""
+        workers = get_allowed_n_proc_DA()
+        if workers == 0:
+            return super().get_dataloaders()
+        with nnunet_env(nnUNet_n_proc_DA="0"):
+            in_process_train, in_process_val = super().get_dataloaders()
+        val_workers = max(1, workers // 2)
+        pin = self.device.type == "cuda"
+        train = MultiThreadedAugmenter(
+            SeededBatches(in_process_train.data_loader, (self.seed, self.stage.index, 0),
+                          self.num_iterations_per_epoch, self.current_epoch * self.num_iterations_per_epoch, workers),
+            None, workers, num_cached_per_queue=max(2, -(-6 // workers)), pin_memory=pin, wait_time=0.002)
+        val = MultiThreadedAugmenter(
+            SeededBatches(in_process_val.data_loader, (self.seed, self.stage.index, 1),
+                          self.num_val_iterations_per_epoch,
+                          self.current_epoch * self.num_val_iterations_per_epoch, val_workers),
+            None, val_workers, num_cached_per_queue=max(2, -(-3 // val_workers)), pin_memory=pin, wait_time=0.002)
+        return train, val
+
+    def _ensure_loaders(self) -> None:
+        """Loaders for `training_batches` and `validation_batches`: the training loop's while they run (in-process
+        ones serve batches at any time, worker ones until `on_train_end` stops them), else new in-process ones.
+        Batches outside the training loop (importances after a stage, ...) are few, and a generator that nobody
+        finishes would leave its worker processes behind; in this process they draw from its seeded generators."""
+        loader = self.dataloader_train
+        usable = loader.was_initialized if isinstance(loader, MultiThreadedAugmenter) else \
+            loader is not None and hasattr(loader, "data_loader")
+        if not usable:
+            with nnunet_env(nnUNet_n_proc_DA="0"):
+                self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+
     def get_tr_and_val_datasets(self):
         cls = infer_dataset_class(str(self.sources[0].folder))
         train = MultiSourceDataset({s.task: (cls, s.folder, s.train_keys) for s in self.sources},
@@ -138,8 +216,8 @@ class ContinualTrainer(nnUNetTrainer):
 
     # ---- the training step with the method's hooks ---------------------------------------------------------
     def on_epoch_start(self):
-        # nnU-Net's case sampling and augmentation draw from the global numpy/torch generators. Augmentation
-        # workers (nnUNet_n_proc_DA > 0) prefetch with their own state, so only 0 workers is reproducible.
+        # nnU-Net's case sampling and augmentation draw from the global numpy/torch generators of the process that
+        # augments: this one with 0 workers; with workers, each batch is seeded in its worker (`SeededBatches`)
         seed_everything(self.seed, self.stage.index, self.current_epoch)
         super().on_epoch_start()
 
@@ -158,8 +236,7 @@ class ContinualTrainer(nnUNetTrainer):
     def training_batches(self, n: int):
         """``n`` augmented training batches of this stage's sources (for importance estimates after training),
         targets mapped like in training (class scenario: global IDs, the channels the loss compares with)."""
-        if self.dataloader_train is None or not hasattr(self.dataloader_train, "data_loader"):
-            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        self._ensure_loaders()
         for _ in range(n):
             yield self.map_targets(next(self.dataloader_train))
 
@@ -171,8 +248,7 @@ class ContinualTrainer(nnUNetTrainer):
 
     def validation_batches(self, n: int) -> list[dict]:
         """``n`` (un-augmented) validation batches of this stage's sources, targets mapped like in training."""
-        if self.dataloader_val is None or not hasattr(self.dataloader_val, "data_loader"):
-            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        self._ensure_loaders()
         return [self.map_targets(next(self.dataloader_val)) for _ in range(n)]
 
     def train_step(self, batch: dict) -> dict:
@@ -316,7 +392,6 @@ def _plain(obj: Any) -> Any:
 def build_trainer(plans: dict, configuration: str, dataset_json: dict, device: torch.device, resume: bool,
                   results_dir: Path) -> ContinualTrainer:
     """Construct the trainer class directly (nnU-Net's lookup by name imports torchvision and breaks on CPU)."""
-    from .env import nnunet_env
     plans = dict(plans, continue_training=resume)
     with nnunet_env(results=results_dir):
         trainer = ContinualTrainer(plans, configuration, 0, dataset_json, device)

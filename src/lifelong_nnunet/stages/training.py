@@ -6,7 +6,6 @@ point resumes from nnU-Net's per-epoch checkpoint, and a stage whose ``model.pt`
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from datetime import datetime, timezone
@@ -60,10 +59,10 @@ class StageTraining:
         return StageState(stage, tuple(ctx.tasks_before(stage)), ctx.run.stage_dir(stage.index), annotated)
 
     def stage_env(self, stage: Stage):
-        """nnU-Net's folders for this stage; augmentation in the main process unless the user set workers
-        (as fast as worker processes on 2 cores, measured, and seedable)."""
+        """nnU-Net's folders for this stage, and its augmentation workers (`nnunet.env.augmentation_workers`)."""
+        from ..nnunet.env import augmentation_workers
         return self.ctx.workspace.env(results=self.ctx.run.nnunet_results(stage.index),
-                                      nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0"))
+                                      nnUNet_n_proc_DA=augmentation_workers(self.ctx.device))
 
     def build_stage_trainer(self, stage: Stage, epochs: int, on_epoch=None, on_iteration=None, progress=None):
         """A trainer ready for the stage's first epoch: the method's network with the starting weights loaded
