@@ -71,8 +71,9 @@ def main() -> None:
     rows = [{"workers": w, "median_s_per_iteration": statistics.median(v), "min": min(v), "max": max(v),
              "samples": v} for w, v in per_iteration.items()]
     fastest = min(rows, key=lambda r: r["median_s_per_iteration"])
-    machine = f"CPU ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads), shared with other " \
-              f"developers' jobs while it ran (loaded)"
+    load = os.getloadavg()[0]
+    machine = f"CPU ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads), load average {load:.2f} " \
+              f"when it finished"
     lines = ["| augmentation workers | s / training iteration (median) | min | max |", "|---|---|---|---|"]
     lines += [f"| {r['workers']} | {r['median_s_per_iteration']:.3f} | {r['min']:.3f} | {r['max']:.3f} |"
               for r in rows]

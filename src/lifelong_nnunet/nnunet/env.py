@@ -41,10 +41,11 @@ def nnunet_env(raw: Path | None = None, preprocessed: Path | None = None, result
 
 
 # Augmentation workers for training on CPU when the user sets none: the count measured fastest per training
-# iteration on 2 cores (benchmarks/results/augmentation_workers.md: 1 worker 2.2 s, 0 workers 5.5 s, 2 workers
-# 4.1 s per iteration of the demo, medians of 2 interleaved rounds on a loaded machine). 0 augments in the main
-# process.
-CPU_AUGMENTATION_WORKERS = 1
+# iteration on 2 idle cores (benchmarks/results/augmentation_workers.md: 0 workers 0.35 s, 1 worker 0.41 s, 2
+# workers 0.35 s per iteration of the demo, medians of 2 interleaved rounds), so augmentation stays in the main
+# process. (On a machine loaded by other jobs 1 worker measured faster: a second process takes a larger share of a
+# contended CPU.)
+CPU_AUGMENTATION_WORKERS = 0
 
 
 def augmentation_workers(device: torch.device) -> str:
