@@ -132,6 +132,7 @@ def test_importance_batches_are_mapped_like_training_batches():
 
     trainer = SimpleNamespace(dataloader_train=Loader(), target_luts={"B": torch.tensor([0, 3, 4])})
     trainer.map_targets = lambda batch: ContinualTrainer.map_targets(trainer, batch)
+    trainer._ensure_loaders = lambda: ContinualTrainer._ensure_loaders(trainer)  # keeps the stage's own loader
     batches = list(ContinualTrainer.training_batches(trainer, 2))
     assert len(batches) == 2 and all(b["target"][0].flatten().tolist() == [0, 3, 4] for b in batches)
 
