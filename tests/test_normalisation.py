@@ -153,6 +153,11 @@ def test_predict_and_export_use_the_named_tasks_normalisation_and_refuse_to_gues
         plans_for_images(run.root, None, seen)
     assert "MRI: ZScoreNormalization" in str(err.value) and "CT: CTNormalization" in str(err.value)
     assert scheme(plans_for_images(run.root, None, seen[:1])) == ["CTNormalization"]  # one task: nothing to guess
+    # a task without a record (trained before normalisation.json existed) was normalised with plans.json's (CT):
+    # an MR task added later differs from it, so the image's task must still be named
+    run.write_normalisation({"Dataset002_MR": mr})
+    with pytest.raises(UserInputError, match="--task"):
+        plans_for_images(run.root, None, seen)
 
 
 def test_a_task_trained_under_another_normalisation_is_refused(tmp_path):

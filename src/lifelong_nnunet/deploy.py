@@ -83,16 +83,16 @@ def plans_for_images(run_dir: Path, task: str | None, seen: list[str]) -> dict:
     configuration = run.read_experiment().configuration
     if task is not None:
         return run.task_plans(task, configuration)
-    stored = run.read_normalisation()
-    norms = {t: stored[t] for t in seen if t in stored}
-    first = next(iter(norms.values()), None)
+    stored, plans = run.read_normalisation(), run.read_plans()
+    own = task_normalisation(plans, configuration)  # what a task without a record was normalised with
+    norms = {t: stored.get(t, own) for t in seen}
+    first = next(iter(norms.values()), own)
     if any(not same_normalisation(first, n) for n in norms.values()):
         raise UserInputError(
             f"The tasks of the run in {run.root} normalise their images differently ("
             + "; ".join(f"{t}: {describe(n)}" for t, n in norms.items())
             + "), so an image's task decides how it is normalised. Name it with --task.")
-    plans = run.read_plans()
-    if first is None or same_normalisation(first, task_normalisation(plans, configuration)):
+    if same_normalisation(first, own):
         return plans  # the run's own plans, as older runs and stock exports have them
     return run.task_plans(next(iter(norms)), configuration)
 
