@@ -142,11 +142,12 @@ def record_normalisation(run: RunFolder, workspace, tasks: list[Task], configura
     from .nnunet.normalisation import describe, same_normalisation, task_normalisation
     stored = run.read_normalisation()
     trained = {d["name"] for h in run.read_history() for d in h.get("datasets", [])}
+    # what a task trained before normalisation.json existed was normalised with
+    legacy = task_normalisation(run.read_plans(), configuration) if trained and run.plans.is_file() else None
     current = {}
     for t in workspace.tasks:
         now = task_normalisation(workspace.plans(t), configuration, t.dataset_json.get("channel_names"))
-        before = stored.get(t.name) or (task_normalisation(run.read_plans(), configuration)
-                                        if t.name in trained else None)
+        before = stored.get(t.name) or (legacy if t.name in trained else None)
         if before is not None and not same_normalisation(before, now):
             raise UserInputError(
                 f"{t.name} is now normalised differently ({describe(now)}) than when the run in {run.root} trained on "

@@ -63,14 +63,12 @@ def budget(run: RunFolder, exp: Experiment, infos: dict[int, dict]) -> dict:
     """What each trained stage was given, as its model's info recorded it (the budget actually used), with the
     configuration, the requested device and the batch size: the spec's, else the one nnU-Net planned
     (``batch_size_from`` says which)."""
+    from ..nnunet.planning import describe_plans
+    plans = run.read_plans() if run.plans.is_file() else {}
+    config = plans.get("configurations", {}).get(exp.configuration, {})
     batch, source = exp.training.batch_size, "spec"
     if batch is None:
-        planned = run.read_plans().get("configurations", {}).get(exp.configuration, {}) if run.plans.is_file() \
-            else {}
-        batch, source = planned.get("batch_size"), "nnU-Net plans" if "batch_size" in planned else None
-    from ..nnunet.planning import describe_plans
-    plans = run.read_plans() if run.plans.is_file() else None
-    config = (plans or {}).get("configurations", {}).get(exp.configuration, {})
+        batch, source = config.get("batch_size"), "nnU-Net plans" if "batch_size" in config else None
     planned = describe_plans(plans, exp.configuration) if {"patch_size", "batch_size", "spacing"} <= set(config) \
         else None
     return {"configuration": exp.configuration, "batch_size": batch, "batch_size_from": source,
