@@ -40,13 +40,14 @@ def _folder_flag(path: Path | None) -> str | None:
 
 
 def _parse_params(items: list[str]) -> dict:
-    import yaml
+    """``--param NAME=VALUE`` flags; values as `tuning.parse_value` reads them (``1e3`` is a number)."""
+    from .tuning import parse_value
     params = {}
     for item in items:
         if "=" not in item:
             raise UserInputError(f"--param '{item}' must look like NAME=VALUE (e.g. --param lambda=100).")
         key, value = item.split("=", 1)
-        params[key] = yaml.safe_load(value)
+        params[key] = parse_value(value)
     return params
 
 
@@ -230,6 +231,55 @@ def sweep(
 
 
 @app.command()
+def tune(
+    spec: Annotated[Path | None, typer.Argument(help="Experiment YAML, as for `run`. Flags below override it.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Tuning folder (created; an existing one "
+                                                "resumes run by run).")] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Tasks in their training order: raw dataset "
+                                                    "folders, names or IDs.")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="The method whose parameters are tuned.")] = None,
+    grid: Annotated[list[str] | None, typer.Option("--grid", help="NAME=V1,V2,... (repeatable, several values): "
+                                                   "every combination is one setting.")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="A fixed method parameter NAME=VALUE "
+                                                    "(repeatable), shared by every setting.")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per setting: 0..N-1. The score is the mean over seeds.")] = 1,
+    scenario: Annotated[str | None, typer.Option(help="domain or class.")] = None,
+    configuration: Annotated[str | None, typer.Option(help="nnU-Net configuration: 3d_fullres or 2d.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per stage.")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Training iterations per epoch.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    raw_root: Annotated[Path | None, typer.Option(help="Folder to resolve dataset names/IDs in.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Planning cache (shared by all runs).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on the console.")] = False,
+) -> None:
+    """Choose a method's parameters on validation cases carved from the training split (never the test cases):
+    every grid setting and the sequential reference run as ordinary runs; tune.md shows the trade-off and the
+    choice."""
+    from .experiment import load_experiment
+    from .sweep import command_line
+    from .tuning import parse_grid, tune as run_tune
+    if output is None:
+        raise UserInputError("Give the tuning folder with -o (e.g. `lifelong-nnunet tune --tasks A B --method ewc "
+                             "--grid lambda=100,1000,10000 -o runs/tune_ewc`).")
+    if seeds < 1:
+        raise UserInputError(f"--seeds must be at least 1 (got {seeds}).")
+    tasks = _split_tasks(tasks)
+    if spec is not None:
+        data = load_experiment(spec).to_dict()
+    elif tasks:
+        data = {"tasks": tasks}
+    else:
+        raise UserInputError("Give an experiment YAML file or --tasks (e.g. `lifelong-nnunet tune --tasks "
+                             "Dataset011_A Dataset012_B --method ewc --grid lambda=100,1000,10000 -o runs/tune_ewc`).")
+    data = _with_flags(data, {"tasks": tasks or None, "method": method, "scenario": scenario,
+                              "configuration": configuration, "device": device, "raw_root": _folder_flag(raw_root),
+                              "cache_dir": _folder_flag(cache_dir)}, epochs, iterations)
+    if param:
+        data["method_params"] = {**(data.get("method_params") or {}), **_parse_params(param)}
+    run_tune(data, parse_grid(grid or []), list(range(seeds)), output, quiet=quiet, command=command_line())
+
+
+@app.command()
 def report(
     run_dir: Path = typer.Argument(..., help="A finished run folder."),
     separate: Optional[Path] = typer.Option(None, help="Run folder of `separate` on the same tasks (reference)."),
@@ -382,7 +432,7 @@ def demo(
     run_demo(output, data_root, epochs, iterations, seed)
 
 
-MULTI_VALUE_OPTIONS = ("--tasks", "--methods", "--parts")
+MULTI_VALUE_OPTIONS = ("--tasks", "--methods", "--parts", "--grid")
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:

@@ -21,9 +21,11 @@ from .names import dataset_id_of
 Scenario = Literal["domain", "class"]
 Configuration = Literal["2d", "3d_fullres"]
 Device = Literal["auto", "cpu", "cuda"]
+ScoreOn = Literal["test", "validation"]
 SCENARIOS: tuple[str, ...] = get_args(Scenario)
 CONFIGURATIONS: tuple[str, ...] = get_args(Configuration)
 DEVICES: tuple[str, ...] = get_args(Device)
+SCORE_ON: tuple[str, ...] = get_args(ScoreOn)
 
 
 @dataclass
@@ -80,6 +82,9 @@ class Experiment:
     test_split: TestSplit = field(default_factory=TestSplit)
     evaluation: Evaluation = field(default_factory=Evaluation)
     validation_fraction: float = 0.2
+    # what every cell of the result matrix is scored on: the held-out test cases, or (tuning) validation cases
+    # carved from the training split, with the test cases left out of the run entirely (tasks.scored_cases)
+    score_on: ScoreOn = "test"
     seed: int = 0
     device: Device = "auto"
     raw_root: str | None = None
@@ -174,6 +179,9 @@ def validate(exp: Experiment, where: str = "spec") -> None:
         raise bad(f"configuration '{exp.configuration}' is not supported; use one of {list(CONFIGURATIONS)}.")
     if exp.device not in DEVICES:
         raise bad(f"device '{exp.device}' is unknown; use one of {list(DEVICES)}.")
+    if exp.score_on not in SCORE_ON:
+        raise bad(f"score_on '{exp.score_on}' is unknown; use 'test' (the held-out test cases) or 'validation' "
+                  f"(cases carved from the training split, for tuning).")
     _validate_planning(exp, bad)
     t = exp.training
     for name in ("epochs", "iterations_per_epoch", "val_iterations"):

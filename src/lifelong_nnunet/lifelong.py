@@ -20,7 +20,7 @@ from .experiment import experiment_from_dict
 from .labels import LabelSpace
 from .run_folder import RunFolder
 from .runner import advance, default_cache_dir, is_complete, method_for, model_dataset_json, write_run_records
-from .tasks import (Task, check_case, check_sequence, load_task, make_test_split, resolve_task_folder, task_from_record,
+from .tasks import (Task, check_case, check_sequence, load_task, resolve_task_folder, scored_cases, task_from_record,
                     task_record)
 
 
@@ -131,8 +131,8 @@ def _check_cases(tasks: list[Task], log: RunLog, records: dict, exp) -> None:
             for case in t.cases.values():
                 check_case(t, case)
                 bar.advance(job)
-            t.test_cases = list(records[t.name]["test_cases"]) if t.name in records else make_test_split(
-                t, exp.test_split.fraction, exp.test_split.min_cases, exp.seed)
+            held_out = scored_cases(t, exp.test_split.fraction, exp.test_split.min_cases, exp.seed, exp.score_on)
+            t.test_cases = list(records[t.name]["test_cases"]) if t.name in records else held_out
 
 
 def _extended_schedule(method, stored: list, tasks: list[Task], epochs: int | None, iterations: int | None,

@@ -44,6 +44,9 @@ A run folder (``RUN_FORMAT`` 2)::
 
 A comparison folder (`compare -o`) holds comparison.md and comparison.png.
 
+A tuning folder (`tune -o`) holds tune.json, tune.csv, tune.md, tradeoff.png, tune.log and one run folder per
+setting and seed under runs/<setting>/seed<seed>/, each scored on validation cases (``score_on: validation``).
+
 A sweep folder holds format.json ("kind": "sweep"), sweep.json, runs.csv, sweep.log, one run folder per run under
 runs/<method>/<ordering>/seed<seed>/, and the comparison report (comparison.html with its CSV tables).
 
@@ -696,6 +699,57 @@ class SweepFolder(_Folder):
                 writer.writeheader()
                 writer.writerows(rows)
         atomic_write(self.runs_table, _write)
+
+
+# ---- a tuning folder ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TuneFolder(_Folder):
+    """What `tune` writes: tune.json (the spec and the grid, written before the first run), one ordinary run folder
+    per setting and seed under runs/<setting>/seed<seed>/ (all scored on validation cases), tune.csv, tune.md,
+    tradeoff.png and tune.log."""
+
+    @property
+    def tune_file(self) -> Path:
+        return self.root / "tune.json"
+
+    @property
+    def table(self) -> Path:
+        return self.root / "tune.csv"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "tune.md"
+
+    @property
+    def tradeoff_plot(self) -> Path:
+        return self.root / "tradeoff.png"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "tune.log"
+
+    def run(self, setting: str, seed: int) -> RunFolder:
+        return RunFolder(self.root / "runs" / setting / f"seed{seed}")
+
+    def read_tune(self) -> dict | None:
+        return read_json(self.tune_file) if self.tune_file.is_file() else None
+
+    def write_tune(self, record: dict) -> None:
+        write_json(self.tune_file, record)
+
+    def write_table(self, rows: list[dict]) -> None:
+        """tune.csv: one row per setting and seed (``rows`` share their keys)."""
+        import csv
+
+        def _write(tmp: str) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        atomic_write(self.table, _write)
+
+    def write_report(self, text: str) -> None:
+        write_text(self.report, text)
 
 
 # ---- the folders predict, export and the demo write --------------------------------------------------------------

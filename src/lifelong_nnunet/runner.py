@@ -20,8 +20,8 @@ from .evaluation.summary import write_summary_and_report
 from .labels import LabelSpace
 from .methods import Method, Stage, create_method
 from .run_folder import RunFolder
-from .tasks import (Task, check_case, check_sequence, content_fingerprint, load_task, make_test_split,
-                    resolve_task_folder, task_record)
+from .tasks import (Task, check_case, check_sequence, content_fingerprint, load_task, resolve_task_folder,
+                    scored_cases, task_record)
 
 
 def default_cache_dir() -> Path:
@@ -61,8 +61,8 @@ def prepare(exp: Experiment, run_dir: Path, log: RunLog, imported: Task | None =
             for case in t.cases.values():
                 check_case(t, case)
                 bar.advance(job)
-            t.test_cases = stored_splits.get(t.name) or make_test_split(
-                t, exp.test_split.fraction, exp.test_split.min_cases, exp.seed)
+            held_out = scored_cases(t, exp.test_split.fraction, exp.test_split.min_cases, exp.seed, exp.score_on)
+            t.test_cases = stored_splits.get(t.name) or held_out
     return tasks, LabelSpace.from_tasks(tasks, exp.scenario)
 
 

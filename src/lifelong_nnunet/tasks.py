@@ -388,6 +388,33 @@ def make_test_split(task: Task, fraction: float, min_test: int, seed: int, min_t
     return sorted(test)
 
 
+#: Added to the seed of the test split to draw the validation cases a tuning run scores on (any fixed offset would
+#: do; a different one from the test split's keeps the two draws independent).
+VALIDATION_SEED_OFFSET = 1009
+
+
+def scored_cases(task: Task, fraction: float, min_cases: int, seed: int, score_on: str = "test") -> list[str]:
+    """The cases a run scores ``task`` on, drawn with `make_test_split`.
+
+    ``score_on="test"``: the held-out test split. ``score_on="validation"`` (tuning, `lifelong-nnunet tune`): the
+    test split is drawn as usual and removed from ``task.cases``, so no later step of the run can read a test case,
+    and validation cases are drawn the same way from what is left. The run then trains on the rest and scores on
+    the validation cases; a choice made on those scores never saw a test case.
+    """
+    test = make_test_split(task, fraction, min_cases, seed)
+    if score_on == "test":
+        return test
+    task.cases = {c: case for c, case in task.cases.items() if c not in set(test)}
+    task.test_cases = []
+    try:
+        return make_test_split(task, fraction, min_cases, seed + VALIDATION_SEED_OFFSET)
+    except UserInputError:
+        raise UserInputError(
+            f"{task.folder} has {len(task.cases) + len(test)} case(s): too few to hold out {len(test)} for testing, "
+            f"then validation cases for tuning, and keep 2 for training. Add cases, or lower test_split.fraction / "
+            f"test_split.min_cases in the spec.") from None
+
+
 class LabelRegistry:
     """Global label IDs and names, and the task that introduced each one.
 

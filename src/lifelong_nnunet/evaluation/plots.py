@@ -19,6 +19,8 @@ from matplotlib.figure import Figure
 
 from lifelong_nnunet.io_utils import atomic_write
 
+from .metrics import metric_spec
+
 
 def _default_style(plot):
     """Draw with matplotlib's defaults: nnU-Net's progress plots change global style (seaborn font_scale 2.5)."""
@@ -135,6 +137,47 @@ def plot_method_comparison(summaries: dict[str, dict], path: str | os.PathLike,
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+@_default_style
+def plot_tradeoff(scores: list[dict], chosen: str | None, path: str | os.PathLike, method: str,
+                  metric: str = "dice") -> Figure:
+    """A tune's stability-plasticity trade-off: left, mean forgetting against plasticity (the new task's score
+    right after training it), one point per setting with its label, the chosen one starred and the sequential
+    reference crossed; right, each setting's final average validation score (error bars: sd over seeds).
+    ``scores``: `tuning.score_settings`'s entries. Settings with an undefined value are left out of a panel."""
+    fig = new_figure(11.0, 4.5)
+    left, right = fig.subplots(1, 2)
+    for e in scores:
+        x, y = e.get("mean_forgetting"), e.get("plasticity")
+        if x is None or y is None:
+            continue
+        style = (dict(marker="*", s=220, color="tab:red", zorder=3) if e["label"] == chosen else
+                 dict(marker="X", s=90, color="black", zorder=2) if e["reference"] else
+                 dict(marker="o", s=50, color="tab:blue", zorder=2))
+        left.scatter([x], [y], **style)
+        left.errorbar([x], [y], xerr=e.get("mean_forgetting_sd") or 0, yerr=e.get("plasticity_sd") or 0,
+                      fmt="none", ecolor="grey", elinewidth=0.8, zorder=1)
+        left.annotate(e["label"], (x, y), textcoords="offset points", xytext=(6, -12 if e["reference"] else 4),
+                      fontsize=8)  # the reference below: a setting equal to it (a zero weight) must stay readable
+    metric = metric_spec(metric).display
+    left.set_xlabel(f"mean forgetting ({metric}; lower is more stable)")
+    left.set_ylabel(f"plasticity ({metric} on each new task)")
+    left.set_title(f"{method}: stability against plasticity, on validation cases")
+    left.grid(alpha=0.3)
+    labels = [e["label"] for e in scores]
+    heights = [math.nan if e.get("final_average") is None else e["final_average"] for e in scores]
+    errors = [e.get("final_average_sd") or 0.0 for e in scores] if any(e.get("final_average_sd") for e in scores) \
+        else None
+    colors = ["tab:red" if lab == chosen else "black" if e["reference"] else "tab:blue"
+              for lab, e in zip(labels, scores)]
+    right.bar(np.arange(len(labels)), heights, yerr=errors, color=colors, capsize=3)
+    right.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    right.set_ylabel(f"final average {metric} (validation)")
+    right.set_title("the score the choice is made on (red: chosen, black: sequential)")
+    right.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+    return fig
 
 
 def _default_row_labels(R: pd.DataFrame) -> list[str]:

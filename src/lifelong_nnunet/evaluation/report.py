@@ -53,7 +53,12 @@ def render_markdown(summary: dict, R: pd.DataFrame, row_labels: list[str], image
     if summary.get("scenario"):
         lines += [f"- **Scenario:** {summary['scenario']}"]
     lines += [f"- **Tasks (training order):** {', '.join(tasks)}"]
-    lines += [f"- **Headline metric:** {name}{unit}", ""]
+    lines += [f"- **Headline metric:** {name}{unit}"]
+    if summary.get("scored_on") == "validation":
+        lines += ["- **Scored on:** validation cases carved from each task's training split (a tuning run, "
+                  "`score_on: validation`). The test cases were left out of this run entirely: in the tables below, "
+                  "\"test\" means these validation cases."]
+    lines += [""]
     lines += _warnings(summary.get("warnings") or [])
     lines += _run_section(summary)
     lines += _data_section(summary.get("data") or {})

@@ -66,7 +66,7 @@ def summarize(run_dir: Path, metric: str | None = None) -> dict:
     by_metric = {m: _metric_summary(results, tasks, m, schedule, chained, evaluated) for m in metrics}
     head = by_metric[metric]
     summary: dict = {"method": exp.method, "scenario": exp.scenario, "tasks": tasks, "metric": metric,
-                     "R": head["R"], "stage_labels": stage_labels(results),
+                     "scored_on": exp.score_on, "R": head["R"], "stage_labels": stage_labels(results),
                      "not_evaluated": [[int(i), tasks[j]] for i, j in zip(*(~evaluated).nonzero())]}
     summary.update({k: head[k] for k in CONTINUAL_KEYS})
     by_stage = {index: model["info"] for index, model in run.trained_models(schedule).items()}
