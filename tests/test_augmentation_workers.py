@@ -102,3 +102,6 @@ def test_two_workers_train_bitwise_equal_runs_and_resume(synthetic_tasks, planni
     a, b = weights(tmp_path / "reference"), weights(tmp_path / "resumed")
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[0]}"
+    # the worker count is part of what makes a run reproducible, so the stage records it
+    info = torch.load(tmp_path / "resumed" / "stages" / "stage_1" / "model.pt", weights_only=True)["info"]
+    assert info["augmentation_workers"] == 2

@@ -40,7 +40,8 @@ def make_run(root: Path, dice: dict[tuple[int, str, str], float], method: str = 
     save_model(run.model(0), {"w": torch.zeros(2)}, {})
     for s in stages:
         save_model(run.model(s.index), {"w": torch.zeros(2)}, {}, {"stage": s.index, "trained_on": list(s.train_tasks),
-                                                                   "epochs": 3, "iterations_per_epoch": 20})
+                                                                   "epochs": 3, "iterations_per_epoch": 20,
+                                                                   "augmentation_workers": 0})
     rows = [[i, "none" if i == 0 else f"{TASKS[i - 1]}", t, case, label, metric,
              dice.get((i, t, label), 0.5) * (1 if metric == "dice" else 0.5)]
             for i in range(len(TASKS) + 1) for t in TASKS for case in test[t] for label in LABELS[t]
@@ -83,6 +84,7 @@ def test_a_resumed_stage_adds_up_its_sessions_and_the_missing_parts_are_named(tm
     # the budget actually used, and the batch size nnU-Net planned (the spec left it open)
     assert ("- **Budget:** nnU-Net 2d, batch size 12 (nnU-Net's plan); epochs x iterations per epoch: stage 1: 3 x "
             "20, stage 2: 3 x 20") in report
+    assert "- **Augmentation workers:** 0 (nnUNet_n_proc_DA" in report
     assert "| Dataset911_Spine | 4 | 1 | 2 | spine_t0, spine_t1 |" in report
     assert summary["data"]["Dataset912_Lung"] == {"n_train": 4, "n_validation": 1, "n_test": 2,
                                                   "test_cases": ["lung_t0", "lung_t1"], "imported": False,

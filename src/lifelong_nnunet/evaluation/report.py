@@ -169,6 +169,11 @@ def _run_section(summary: dict) -> list[str]:
         if budget.get("plans"):
             why = f" ({budget['planning']})" if budget.get("planning") else ""
             lines += [f"- **Plans:** {budget['plans']}{why}"]
+        workers = sorted({b["augmentation_workers"] for b in budget["stages"] if b.get("augmentation_workers")
+                          is not None})
+        if workers:  # results are bitwise reproducible for a seed and a worker count (docs/cli.md)
+            lines += [f"- **Augmentation workers:** {', '.join(map(str, workers))} (nnUNet_n_proc_DA; 0: in the "
+                      f"training process)"]
     res = res or {}
     devices = ", ".join(res.get("devices") or []) or NOT_RECORDED
     requested = f" (requested: {budget['requested_device']})" if budget else ""

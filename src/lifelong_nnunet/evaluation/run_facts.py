@@ -75,6 +75,7 @@ def budget(run: RunFolder, exp: Experiment, infos: dict[int, dict]) -> dict:
             "requested_device": exp.device, "plans": planned, "planning": (run.read_planning() or {}).get("reason"),
             "stages": [{"stage": index, "epochs": info.get("epochs"),
                         "iterations_per_epoch": info.get("iterations_per_epoch"),
+                        "augmentation_workers": info.get("augmentation_workers"),
                         "imported": bool(info.get("imported_from"))}
                        for index, info in sorted(infos.items())]}
 

@@ -145,14 +145,18 @@ class StageTraining:
             from .description import describe_stage
             describe_stage(ctx, stage)
         session.save()
+        from ..nnunet.env import augmentation_workers
+        workers = int(augmentation_workers(ctx.device))  # bitwise reproducible for a given seed *and* worker count
         save_model(run.model(stage.index), trainer.network.state_dict(), ctx.method.state_dict(),
                    {"stage": stage.index, "trained_on": list(stage.train_tasks),
                     "tasks_seen": ctx.tasks_trained_by(stage.index),
                     "train_seconds": session.phase_seconds(), "epochs": epochs,
-                    "iterations_per_epoch": iterations, "notes": ctx.method.notes(), **peak_memory_mb(ctx.device)})
+                    "iterations_per_epoch": iterations, "augmentation_workers": workers, "notes": ctx.method.notes(),
+                    **peak_memory_mb(ctx.device)})
         run.record_history({"stage": stage.index, "origin": origin, "started": started_at, "finished": now(),
                             "datasets": [dataset_summary(ctx.by_name[n]) for n in stage.train_tasks],
-                            "budget": {"epochs": epochs, "iterations_per_epoch": iterations}, "versions": versions()})
+                            "budget": {"epochs": epochs, "iterations_per_epoch": iterations,
+                                       "augmentation_workers": workers}, "versions": versions()})
         final = Path(trainer.output_folder) / NNUNET_FINAL_CHECKPOINT
         final.unlink(missing_ok=True)  # model.pt holds the weights; the optimizer state is not needed any more
         ctx.log(f"Stage {stage.index} [{stage.label}] trained in {time.time() - started:.0f} s")
