@@ -1,11 +1,12 @@
 """Choose the regularisation and distillation methods' defaults with `lifelong-nnunet tune`, on synthetic-sites.
 
     .venv/bin/python benchmarks/tune_defaults.py [--out runs/tune_defaults] [--methods ewc rw lwf mib]
-        [--epochs 4] [--iterations 25] [--sites 3] [--cases 10]
+        [--configuration 3d_fullres] [--epochs 4] [--iterations 25] [--sites 3] [--cases 10]
 
-Each method is tuned over its grid (GRIDS) on the synthetic-sites sequence, in 3d_fullres, every setting scored on
-validation cases carved from the training split (the test cases are never used). The `sequential` reference is
-run once and shared by every method's tune (an identical run folder, copied, which `tune` finds finished). Writes
+Each method is tuned over its grid (GRIDS) on the synthetic-sites sequence, every setting scored on validation cases
+carved from the training split (the test cases are never used). The `sequential` reference runs first (so a
+sequence on which it forgets nothing is seen before any tuning) and is shared by every method's tune: the same run
+(`score_on: validation`, same spec and seed), copied into each tune folder, where `tune` finds it finished. Writes
 benchmarks/results/tune_defaults.{md,json}: per method its table and the chosen setting. The defaults in the
 methods' code come from this table (their docstrings say so) and are checked on the demo by benchmarks/methods.py.
 Resumable: every run is an ordinary run folder, and a finished one is skipped.
@@ -13,6 +14,7 @@ Resumable: every run is an ordinary run folder, and a finished one is skipped.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -35,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/tune_defaults"))
     parser.add_argument("--methods", nargs="*", default=["ewc", "rw", "lwf", "mib"])
+    parser.add_argument("--configuration", default="3d_fullres", choices=["3d_fullres", "2d"])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=25)
     parser.add_argument("--sites", type=int, default=3)
@@ -43,24 +46,29 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out.resolve()
     tasks = [str(p) for p in build_synthetic_sites(out / "raw", n_sites=args.sites, cases_per_site=args.cases)]
-    common = ["--tasks", *tasks, "--configuration", "3d_fullres", "--epochs", str(args.epochs), "--iterations",
+    common = ["--configuration", args.configuration, "--epochs", str(args.epochs), "--iterations",
               str(args.iterations), "--cache-dir", str(out / "cache"), "-q"]
+    reference = out / "sequential"
+    spec = out / "sequential.yaml"
+    write_text(spec, json.dumps({"tasks": tasks, "score_on": "validation"}))  # JSON is YAML
+    print("== sequential (the reference)", flush=True)
+    subprocess.run([sys.executable, "-m", "lifelong_nnunet.cli", "run", str(spec), *common, "-o", str(reference)],
+                   check=True)
     results = {}
-    shared_reference = None
     for method in args.methods:
         folder = out / f"tune_{method}"
-        reference = folder / "runs" / "sequential" / "seed0"
-        if shared_reference is not None and not reference.exists():
-            shutil.copytree(shared_reference, reference)  # the same run (same spec, seed and data): not re-run
+        copy = folder / "runs" / "sequential" / "seed0"
+        if not copy.exists():
+            shutil.copytree(reference, copy)  # the same run (same spec, seed and data): `tune` finds it finished
         grid = [a for g in GRIDS[method] for a in ("--grid", g)]
         print(f"== tune {method}: {' '.join(GRIDS[method])}", flush=True)
-        subprocess.run([sys.executable, "-m", "lifelong_nnunet.cli", "tune", *common, "--method", method, *grid,
-                        "-o", str(folder)], check=True)
-        shared_reference = shared_reference or reference
+        subprocess.run([sys.executable, "-m", "lifelong_nnunet.cli", "tune", "--tasks", *tasks, *common, "--method",
+                        method, *grid, "-o", str(folder)], check=True)
         record = read_json(folder / "tune.json")
         results[method] = {"grid": GRIDS[method], "chosen": record["chosen"], "scores": record["scores"],
                            "report": str(folder / "tune.md")}
-    budget = (f"synthetic-sites ({args.sites} sites x {args.cases} cases, 32^3), 3d_fullres, {args.epochs} epochs x "
+    budget = (f"synthetic-sites ({args.sites} sites x {args.cases} cases, 32^3), {args.configuration}, {args.epochs} "
+              f"epochs x "
               f"{args.iterations} iterations per stage, seed 0, CPU; scored on validation cases carved from the "
               f"training split (the test cases were never used)")
     lines = ["# Defaults chosen with `lifelong-nnunet tune`", "", budget + ".", ""]
