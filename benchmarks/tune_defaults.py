@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/tune_defaults.py [--out runs/tune_defaults] [--methods ewc rw lwf mib]
         [--configuration 3d_fullres] [--epochs 4] [--iterations 25] [--sites 3] [--cases 10]
+        [--grid METHOD:NAME=V1,V2 ...]
 
 Each method is tuned over its grid (GRIDS) on the synthetic-sites sequence, every setting scored on validation cases
 carved from the training split (the test cases are never used). The `sequential` reference runs first (so a
@@ -42,8 +43,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=25)
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--cases", type=int, default=10)
+    parser.add_argument("--grid", nargs="*", default=[], help="METHOD:NAME=V1,V2: replaces METHOD's grid")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    for item in args.grid:
+        method, grid = item.split(":", 1)
+        GRIDS[method] = [grid]
     out = args.out.resolve()
     tasks = [str(p) for p in build_synthetic_sites(out / "raw", n_sites=args.sites, cases_per_site=args.cases)]
     common = ["--configuration", args.configuration, "--epochs", str(args.epochs), "--iterations",
