@@ -159,23 +159,40 @@ def pseudo_labels(target: torch.Tensor, teacher_logits: torch.Tensor, thresholds
     return new.unsqueeze(1) if squeeze else new
 
 
+def adaptive_factor(target: torch.Tensor, pseudo: torch.Tensor, ignore: int, background: int = 0) -> torch.Tensor:
+    """The reference's ``classif_adaptive_factor``: the share of the voxels labelled ``background`` in ``target``
+    that the pseudo-labels do not ignore (1 when there is no background voxel). The fewer background voxels the
+    teacher is sure about, the less the batch's classification loss counts, so a stage does not learn mostly from
+    the new classes' voxels. The reference takes it per image on its per-pixel CE; nnU-Net's loss has a Dice over
+    the whole batch, so it is taken over the batch here."""
+    unannotated = target == background
+    total = unannotated.sum()
+    if total == 0:
+        return torch.ones((), device=target.device)
+    return (unannotated & (pseudo != ignore)).sum().float() / total.float()
+
+
 class PLOP(DistillationMethod):
     """PLOP as in the authors' code (its ``--method PLOP`` options): Local POD with factor ``pod_lambda`` on the
     encoder stages and ``pod_logits_lambda`` on the final logits, times the POD schedule; entropy-thresholded
     pseudo-labels with the uncertain voxels ignored."""
     name = "plop"
     #: pod_lambda 0.01 and pod_logits_lambda 0.0005: the reference's ``pod_factor`` and the factor of its last map
-    #: (the logits, ``pod_options.switch.after.factor``) for PLOP; kept after measuring, on a tiny 2d nnU-Net, that
-    #: they give a POD term below the task loss and of the size of its gradient (docs/methods/plop.md, "Default
-    #: factors"); `lifelong-nnunet tune` re-chooses them on validation data. pod_schedule: the reference's schedule
-    #: sqrt(classes / new classes) (on unless ``--no_pod_schedule``). pod_normalize: the reference's ``norm`` switch,
-    #: off for PLOP. scales [1, 2, 4]: the reference's ``spp_scales`` (each spatial axis in 1, 2, 4 parts).
-    #: pod_layers: every encoder stage (the reference distils the output of every backbone block).
+    #: (the logits, ``pod_options.switch.after.factor``) for PLOP. Kept after a check on a tiny 2d nnU-Net that, with
+    #: unnormalised features, they do not swamp nnU-Net's task loss: the POD gradient is 2-11x the task loss's, and
+    #: the new task is learned as well as without POD (docs/methods/plop.md, "Default factors";
+    #: benchmarks/plop_pod_scale.py). `lifelong-nnunet tune` re-chooses them on validation data.
+    #: pod_schedule: the reference's schedule sqrt(classes / new classes) (on unless its ``--no_pod_schedule``).
+    #: pod_normalize: the reference's ``norm`` switch, off for PLOP. classif_adaptive_factor: the reference's switch of
+    #: that name, on for PLOP: the task loss on the pseudo-labels is multiplied by the share of background voxels not
+    #: ignored. scales [1, 2, 4]: the reference's ``spp_scales`` (each spatial axis in 1, 2, 4 parts). pod_layers:
+    #: every encoder stage (the reference distils the output of every backbone block).
     params: ClassVar[dict[str, Param]] = {
         "pod_lambda": number(0.01, min=0),
         "pod_logits_lambda": number(0.0005, min=0),
         "pod_schedule": flag(True),
         "pod_normalize": flag(False),
+        "classif_adaptive_factor": flag(True),
         "pod_layers": names(["encoder.stages.*"], "module names ('name.*': all children of 'name')"),
         "scales": numbers([1, 2, 4], min=1, whole=True),
     }
@@ -258,5 +275,7 @@ class PLOP(DistillationMethod):
             if not isinstance(target, (list, tuple)):
                 pseudo = pseudo[0]
             pseudo_loss = trainer.loss_ignoring(ignore)(output, pseudo)
+            if self.config["classif_adaptive_factor"]:
+                pseudo_loss = adaptive_factor(targets[0], as_list(pseudo)[0], ignore) * pseudo_loss
             terms["plop_pseudo_correction"] = pseudo_loss - trainer.loss(output, target)
         return terms
