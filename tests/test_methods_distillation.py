@@ -594,6 +594,8 @@ def test_loss_with_ignore_label_changes_only_the_ignore_label():
     original = nnunet_loss()
     copy_ = loss_with_ignore_label(original, 9)
     assert original.loss.ignore_label is None and original.loss.ce.ignore_index == -100  # the original untouched
+    bare = loss_with_ignore_label(original.loss, 9)  # without deep supervision
+    assert isinstance(bare, DC_and_CE_loss) and bare.ignore_label == 9 == bare.ce.ignore_index
     assert copy_(out, tgt).item() == original(out, tgt).item()  # no voxel marked: the same loss, same operations
     marked = [t.clone() for t in tgt]
     marked[0][0, 0, :4] = 9
