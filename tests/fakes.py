@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lifelong_nnunet.methods import Stage, StageState
+from lifelong_nnunet.nnunet.loss import loss_with_ignore_label
 
 
 class FakeTrainer:
@@ -42,6 +43,10 @@ class FakeTrainer:
         self.drawn = 0
         self.logged: list[str] = []
         self.bars: dict[str, list[int]] = {}  # description -> [units done, total] of each `progress` bar
+
+    def loss_ignoring(self, label: int) -> Callable[[Any, Any], torch.Tensor]:
+        """As the real trainer: ``loss`` (then nnU-Net's own loss object) with another ignore label."""
+        return loss_with_ignore_label(self.loss, label)
 
     def training_batches(self, n: int) -> Iterator[dict]:
         for i in range(n):

@@ -13,20 +13,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from fakes import FakeTrainer
+from lifelong_nnunet.labels import LabelSpace
 from lifelong_nnunet.methods import available_methods, create_method
 from lifelong_nnunet.methods.base import Stage
 from lifelong_nnunet.methods.distillation import FeatureCapture, snapshot_teacher, softened_kl
 from lifelong_nnunet.methods.lwf import lwf_loss
 from lifelong_nnunet.methods.mib import unbiased_cross_entropy, unbiased_kd
+from lifelong_nnunet.methods.distillation import DistillationMethod
 from lifelong_nnunet.methods.plop import (
+    adaptive_factor,
     local_pod_embedding,
     local_pod_loss,
+    logits_in_teacher_classes,
     median_entropy_thresholds,
     normalized_entropy,
+    pod_schedule,
     pseudo_labels,
 )
+from lifelong_nnunet.networks.output_head import resize_output
+from lifelong_nnunet.nnunet.loss import loss_with_ignore_label
 from lifelong_nnunet.nnunet.network import deep_supervision_weights
 
 METHODS = ["lwf", "mib", "plop"]
@@ -275,10 +285,10 @@ def test_pod_reads_features_of_both_networks_at_configured_layers(setup):
     seen = {}
     orig = method.pod_term
 
-    def spy():
+    def spy(*args):
         seen["s"] = {k: v for k, v in method.student_capture.features.items()}
         seen["t"] = {k: v for k, v in method.teacher_capture.features.items()}
-        return orig()
+        return orig(*args)
 
     method.pod_term = spy
     step_terms(method, trainer, data, target)
@@ -319,68 +329,208 @@ def test_feature_capture_ignores_copies_of_hooked_network():
 
 
 def test_local_pod_embedding_by_hand():
+    """PLOP's embedding pools the *squared* features and is not normalised (the reference's ``pod_prepro="pow"``
+    and its ``normalize = False``). Squares of small integers, their sums and the divisions by 2 and 4 are exact in
+    float32, so the embedding is compared bitwise."""
     x = torch.arange(16.0).view(1, 1, 4, 4) + 1  # 2D, one channel
+    sq = x[0, 0] ** 2
     emb = local_pod_embedding(x, scales=[1])
-    width = x[0, 0].mean(1)  # profile along axis 0 (average over axis 1)
-    height = x[0, 0].mean(0)
-    v = torch.cat([width, height])
-    # POD pools and normalises its own way; means of small integers are exact, the norms round in float32 (entries
-    # ~0.1-0.5, one ulp ~3e-8). 1e-6 absolute is ~30 ulps and far below any mix-up of profiles or regions (> 1e-2).
-    torch.testing.assert_close(emb[0], v / v.norm(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(emb[0], torch.cat([sq.mean(1), sq.mean(0)]), rtol=0, atol=0)
     e2 = local_pod_embedding(x, scales=[2])
-    # scale 2: four 2x2 regions, each its own normalised [axis-0 profile, axis-1 profile]
+    # scale 2: four 2x2 regions; layout: axis-0 profiles [C, 4 rows, 2 column parts], then axis-1 profiles
+    # [C, 2 row parts, 4 columns]
     assert e2.shape == (1, 4 * 4)
-    region = x[0, 0, :2, 2:]
-    v = torch.cat([region.mean(1), region.mean(0)])
-    # layout: axis-0 profiles [C, 4 rows, 2 column parts], then axis-1 profiles [C, 2 row parts, 4 columns]
-    torch.testing.assert_close(e2[0, [1, 3, 10, 11]], v / v.norm(), rtol=0, atol=1e-6)
-    torch.testing.assert_close(torch.linalg.vector_norm(e2), torch.tensor(2.0), rtol=0, atol=1e-6)  # 4 unit regions
+    region = sq[:2, 2:]
+    torch.testing.assert_close(e2[0, [1, 3, 10, 11]], torch.cat([region.mean(1), region.mean(0)]), rtol=0, atol=0)
+    # the reference's norm switch divides the whole embedding by its L2 norm (float32 rounding of a norm over
+    # entries up to ~240: 1e-6 is a few ulps and far below any mix-up of entries)
+    torch.testing.assert_close(local_pod_embedding(x, [1, 2], normalize=True)[0],
+                               F.normalize(local_pod_embedding(x, [1, 2]), dim=1)[0], rtol=0, atol=1e-6)
     # 3D, scales 1, 2, 4 on 16^3 with C channels: 3 profiles per region, sizes sum to 3 * C * 16 * s^2
     y = torch.randn(2, 5, 16, 16, 16)
     assert local_pod_embedding(y, [1, 2, 4]).shape == (2, sum(3 * 5 * 16 * s * s for s in (1, 2, 4)))
-    assert local_pod_loss([y], [y]).item() == 0.0
-    assert local_pod_loss([y], [y * 3.0]).item() < 1e-5  # scale invariant (normalised)
-    assert local_pod_loss([y], [y + torch.randn_like(y)]).item() > 0.1
+    assert local_pod_embedding(-y, [1, 2, 4]).equal(local_pod_embedding(y, [1, 2, 4]))  # squared: sign-blind
+    assert local_pod_loss([y], [y], [1.0]).item() == 0.0
+    # unnormalised: features three times as large are far away (they were at distance 0 when normalised) ...
+    assert local_pod_loss([y], [y * 3.0], [1.0]).item() > 1.0
+    assert local_pod_loss([y], [y * 3.0], [1.0], normalize=True).item() < 1e-5  # ... unless normalize is set
+
+
+def test_local_pod_loss_weights_each_map_and_averages_over_maps():
+    """(1/L) sum_l f_l mean_b ||POD(s_l) - POD(t_l)||: each map its factor, the sum divided by the number of maps
+    (a map with factor 0 still counts, as in the reference). float32 norms of ~1e3 entries: rel 1e-5."""
+    g = torch.Generator().manual_seed(1)
+    s1, t1 = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    s2, t2 = torch.randn(2, 2, 4, 4, generator=g), torch.randn(2, 2, 4, 4, generator=g)
+
+    def dist(a, b):
+        return (local_pod_embedding(a) - local_pod_embedding(b)).norm(dim=1).mean().item()
+
+    got = local_pod_loss([s1, s2], [t1, t2], [0.5, 2.0]).item()
+    assert got == pytest.approx((0.5 * dist(s1, t1) + 2.0 * dist(s2, t2)) / 2, rel=1e-5)
+    assert local_pod_loss([s1, s2], [t1, t2], [0.5, 0.0]).item() == pytest.approx(0.5 * dist(s1, t1) / 2, rel=1e-5)
+
+
+def test_logits_of_new_classes_are_summed_into_background_for_pod():
+    z = torch.arange(5.0).view(1, 5, 1, 1)  # channels 0..4; the teacher has 3
+    assert logits_in_teacher_classes(z, 3).flatten().tolist() == [0.0 + 3.0 + 4.0, 1.0, 2.0]
+    assert logits_in_teacher_classes(z, 5) is z
+
+
+def test_pod_schedule_is_sqrt_of_classes_over_new_classes():
+    assert pod_schedule(5, 2) == pytest.approx(math.sqrt(2.5), rel=1e-12)
+    assert pod_schedule(17, 1) == pytest.approx(math.sqrt(17), rel=1e-12)
+    assert pod_schedule(3, 0) == 1.0  # no class added (domain scenario): every class counts as new
+
+
+def class_stage(annotated=(0, 3, 4)):
+    """A class-incremental stage 2: the student has 5 channels (task B added global 3 and 4), the teacher the 3 of
+    task A; task B annotates ``annotated``. The trainer's loss is nnU-Net's own Dice + CE with deep supervision."""
+    space = LabelSpace("class", {"background": 0, "a": 1, "b": 2, "c": 3, "d": 4},
+                       {"a": "A", "b": "A", "c": "B", "d": "B"},
+                       {"A": {0: 0, 1: 1, 2: 2}, "B": {0: 0, 1: 3, 2: 4}})
+    torch.manual_seed(0)
+    trainer = FakeTrainer(resize_output(tiny_unet(), 5), stage=STAGE2, tasks_before=("A",),
+                          annotated_classes=annotated, loss=nnunet_loss())
+    data = torch.randn(1, 1, 16, 16, 16)
+    target = [torch.randint(0, 5, (1, 1, 16, 16, 16)).float(), torch.randint(0, 5, (1, 1, 8, 8, 8)).float()]
+    for t in target:
+        t[(t == 1) | (t == 2)] = 0  # task B does not annotate a and b
+    return space, trainer, data, target
+
+
+def pod_terms(trainer, data, target, configs, labels=None, full_teacher=False) -> list[float]:
+    """``plop_pod`` of one PLOP per config, all with the same teacher (the unperturbed network) on the same
+    perturbed student forward."""
+    methods = [create_method("plop", c, labels=labels) for c in configs]
+    for m in methods:
+        m.before_stage(trainer, STAGE2)
+    perturb(trainer.network, 0.05)
+    output = trainer.network(data)
+    terms = [(DistillationMethod.loss_terms if full_teacher else type(m).loss_terms)(m, trainer, data, target, output)
+             ["plop_pod"].item() for m in methods]
+    for m in methods:
+        m.after_stage(trainer, STAGE2)
+    return terms
+
+
+def test_pod_factor_follows_the_schedule_in_class_and_domain_stages(setup):
+    space, trainer, data, target = class_stage()
+    with_schedule, without = pod_terms(trainer, data, target, [{}, {"pod_schedule": False}], labels=space)
+    # 5 classes known, 2 of them new: sqrt(5/2) (float32 terms: rel 1e-5)
+    assert without > 0 and with_schedule == pytest.approx(math.sqrt(5 / 2) * without, rel=1e-5)
+    trainer, data, target = setup  # domain: no channel added, factor 1
+    with_schedule, without = pod_terms(trainer, data, target, [{}, {"pod_schedule": False}])
+    assert with_schedule == without > 0
+
+
+def test_pod_on_logits_has_its_own_factor(setup):
+    """POD on the final logits weighs pod_logits_lambda, the feature maps pod_lambda, and the sum is divided by
+    the number of maps (3 encoder stages + the logits)."""
+    trainer, data, target = setup
+    with torch.no_grad():
+        teacher = trainer.network(data)[0]  # the teacher is the network before pod_terms perturbs it
+    every, features, logits = pod_terms(trainer, data, target, [{}, {"pod_logits_lambda": 0.0}, {"pod_lambda": 0.0}],
+                                        full_teacher=True)
+    assert features > 0 and logits > 0
+    # the same float32 terms summed in another grouping: rel 1e-5
+    assert every == pytest.approx(features * 3 / 4 + logits, rel=1e-5)
+    # the logits part by hand: 0.0005 x POD distance of the highest-resolution logits, over 4 maps
+    with torch.no_grad():
+        student = trainer.network(data)[0]
+    hand = 0.0005 * (local_pod_embedding(student) - local_pod_embedding(teacher)).norm(dim=1).mean().item() / 4
+    assert logits == pytest.approx(hand, rel=1e-5)
 
 
 def test_plop_pseudo_labels():
-    # 4 voxels, teacher classes 0, 1, 2; current task annotates 0 and 2 -> class 1 may be pseudo-labelled
-    teacher = torch.tensor([[[0.0, 0.0, 0.0, 0.0],
-                             [9.0, 0.2, 9.0, 0.0],
-                             [0.0, 0.0, 0.0, 9.0]]])  # [1, 3, 4]
-    target = torch.tensor([[[0.0, 0.0, 2.0, 0.0]]])   # [1, 1, 4] as nnU-Net gives it
+    # 5 voxels, teacher classes 0, 1, 2; current task annotates 0 and 2 -> class 1 may be pseudo-labelled
+    teacher = torch.tensor([[[0.0, 0.0, 0.0, 0.0, 9.0],
+                             [9.0, 0.2, 9.0, 0.0, 0.0],
+                             [0.0, 0.0, 0.0, 9.0, 0.0]]])  # [1, 3, 5]
+    target = torch.tensor([[[0.0, 0.0, 2.0, 0.0, 0.0]]])   # [1, 1, 5] as nnU-Net gives it
     thresholds = torch.full((3,), 0.5)
-    out = pseudo_labels(target, teacher, thresholds, pseudo_classes=[1])
-    # voxel 0: background, confident teacher says 1 -> 1; voxel 1: uncertain -> stays 0;
-    # voxel 2: annotated 2 -> unchanged though the teacher says 1; voxel 3: teacher says 2 (annotated class) -> 0
-    assert out.tolist() == [[[1.0, 0.0, 2.0, 0.0]]] and out.dtype == target.dtype
+    out = pseudo_labels(target, teacher, thresholds, pseudo_classes=[1], ignore=7)
+    # voxel 0: background, confident teacher says 1 -> 1; voxel 1: teacher says 1, uncertain -> ignored;
+    # voxel 2: annotated 2 -> unchanged though the teacher says 1; voxel 3: teacher says 2 (annotated class) -> 0;
+    # voxel 4: teacher confidently says background -> 0
+    assert out.tolist() == [[[1.0, 7.0, 2.0, 0.0, 0.0]]] and out.dtype == target.dtype
+    # uncertain background: the teacher says background but is unsure -> ignored as well
+    assert pseudo_labels(target, teacher, torch.tensor([0.0, 0.5, 0.5]), [1], 7).tolist() == \
+        [[[1.0, 7.0, 2.0, 0.0, 7.0]]]
     # domain scenario: no class to pseudo-label, nothing changes
-    assert torch.equal(pseudo_labels(target, teacher, thresholds, pseudo_classes=[]), target)
+    assert torch.equal(pseudo_labels(target, teacher, thresholds, pseudo_classes=[], ignore=7), target)
 
 
-def test_plop_class_mode_adds_pseudo_label_correction(setup):
-    trainer, data, target = setup
-    trainer.stage_state = replace(trainer.stage_state, annotated_classes=(0, 2))
-    calls = []
-
-    def loss(output, tgt):
-        calls.append([t.clone() for t in tgt])
-        return sum(F.cross_entropy(o, t[:, 0].long()) for o, t in zip(output, tgt))
-
-    trainer.loss = loss
-    method = create_method("plop")
+def test_uncertain_voxels_give_no_gradient_confident_ones_do():
+    """Class stage: the loss the trainer minimises (nnU-Net's loss plus PLOP's correction) is nnU-Net's loss on the
+    pseudo-labels with the uncertain background voxels ignored: at those the student's logits get no gradient at
+    all (Dice and CE), at every other voxel they do (before, uncertain voxels were trained as background)."""
+    space, trainer, data, target = class_stage()
+    method = create_method("plop", {"pod_lambda": 0.0, "pod_logits_lambda": 0.0}, labels=space)
     method.before_stage(trainer, STAGE2)
-    terms = step_terms(method, trainer, data, target)
+    perturb(trainer.network, 0.05)
+    seen = {}
+    real = trainer.loss_ignoring
+
+    def spy(label):
+        seen["ignore"] = label
+        loss = real(label)
+        return lambda out, tgt: (seen.setdefault("pseudo", tgt), loss(out, tgt))[1]
+
+    trainer.loss_ignoring = spy
+    output = trainer.network(data)
+    for o in output:
+        o.retain_grad()
+    terms = method.loss_terms(trainer, data, target, output)
+    (trainer.loss(output, target) + terms["plop_pseudo_correction"]).backward()
+    assert seen["ignore"] == 5  # the dataset has no ignore label: the first value past the 5 classes
+    pseudo = seen["pseudo"][0][:, 0]
+    grad = output[0].grad.abs().sum(1)  # [B, *spatial]
+    uncertain, confident_old = pseudo == 5, (pseudo == 1) | (pseudo == 2)
+    assert uncertain.sum() > 0 and confident_old.sum() > 0
+    # the task loss enters once with + and once with -: where the pseudo loss is 0 they cancel up to float32
+    # round-off of gradients ~1e-4 per voxel (measured ~1e-11); every other voxel keeps one of 1e-5 or more
+    assert grad[uncertain].max().item() < 1e-9
+    assert grad[~uncertain].min().item() > 1e-6
+
+
+def test_plop_class_mode_pseudo_correction_is_nnunet_loss_on_pseudo_labels():
+    space, trainer, data, target = class_stage()
+    method = create_method("plop", labels=space)
+    off = create_method("plop", {"classif_adaptive_factor": False}, labels=space)
+    method.before_stage(trainer, STAGE2)
+    off.before_stage(trainer, STAGE2)  # the same teacher
+    perturb(trainer.network, 0.05)
+    output = trainer.network(data)
+    terms = method.loss_terms(trainer, data, target, output)
     assert set(terms) == {"plop_pod", "plop_pseudo_correction"}
-    pseudo, given = calls
-    changed = pseudo[0] != given[0]
-    assert changed.any() and (given[0][changed] == 0).all() and (pseudo[0][changed] == 1).all()
-    # only the confident half of them: the voxels the teacher calls class 1 above that class's median entropy keep
-    # their background label (a threshold of 1 would accept every one of them)
     with torch.no_grad():
-        teacher_logits = method.teacher(data)[0]
-    candidates = (teacher_logits.argmax(1, keepdim=True) == 1) & (given[0] == 0)
-    assert 0 < int(changed.sum()) < int(candidates.sum())
+        teacher = method.teacher(data)
+    pseudo = [pseudo_labels(t, tl, median_entropy_thresholds(tl, t[:, 0] == 0), [1, 2], 5)
+              for t, tl in zip(target, teacher)]
+    changed = pseudo[0] != target[0]
+    assert changed.any() and (target[0][changed] == 0).all()
+    # only the confident half of them: the voxels the teacher calls class 1 above that class's median entropy are
+    # ignored (a threshold of 1 would accept every one of them)
+    candidates = (teacher[0].argmax(1, keepdim=True) == 1) & (target[0] == 0)
+    assert 0 < int((pseudo[0] == 1).sum()) < int(candidates.sum())
+    # the reference's classif_adaptive_factor: the share of background voxels not ignored, by hand
+    background = target[0] == 0
+    share = ((pseudo[0] != 5) & background).sum().item() / background.sum().item()
+    assert 0.2 < share < 0.8  # about half of them are uncertain (the medians)
+    ignoring = loss_with_ignore_label(trainer.loss, 5)
+    hand = share * ignoring(output, pseudo) - trainer.loss(output, target)
+    # the same float32 operations on the same tensors, the share computed in float64 here: rel 1e-6
+    assert terms["plop_pseudo_correction"].item() == pytest.approx(hand.item(), rel=1e-6)
+    plain = off.loss_terms(trainer, data, target, output)["plop_pseudo_correction"]  # the same forward's features
+    assert plain.item() == pytest.approx((ignoring(output, pseudo) - trainer.loss(output, target)).item(), rel=1e-6)
+
+
+def test_adaptive_factor_by_hand():
+    target = torch.tensor([[[0.0, 0.0, 0.0, 0.0, 2.0]]])
+    pseudo = torch.tensor([[[1.0, 7.0, 0.0, 7.0, 2.0]]])  # two of the four background voxels ignored
+    assert adaptive_factor(target, pseudo, 7).item() == 0.5
+    assert adaptive_factor(target[..., 4:], pseudo[..., 4:], 7).item() == 1.0  # no background voxel
 
 
 def test_plop_thresholds_are_each_classes_median_teacher_entropy():
@@ -394,21 +544,75 @@ def test_plop_thresholds_are_each_classes_median_teacher_entropy():
         assert got[c].item() == pytest.approx(values[(len(values) - 1) // 2], abs=1e-7)
         assert 0 < got[c].item() < 1
     assert got[2].item() == 1.0  # no voxel of class 2: no pseudo-label can come from it anyway
+    # the reference's medians are over the background voxels only
+    mask = torch.rand(2, 5, 5, generator=g) < 0.5
+    got = median_entropy_thresholds(logits, mask)
+    for c in (0, 1):
+        values = sorted(ent[mask & (pred == c)].tolist())
+        assert got[c].item() == pytest.approx(values[(len(values) - 1) // 2], abs=1e-7)
 
 
 def test_plop_encoder_only_teacher_pass_equals_full_teacher_pass(setup):
-    """With every class annotated and encoder-only POD layers, PLOP runs just the teacher's encoder: the term
-    must be exactly what the full teacher forward gives."""
-    from lifelong_nnunet.methods.distillation import DistillationMethod
+    """With every class annotated, no POD on the logits and encoder-only POD layers, PLOP runs just the teacher's
+    encoder: the term must be exactly what the full teacher forward gives."""
     trainer, data, target = setup
-    method = create_method("plop")
+    method = create_method("plop", {"pod_logits_lambda": 0.0})
     method.before_stage(trainer, STAGE2)
+    calls = []
+    hook = method.teacher.decoder.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
         for p in trainer.network.parameters():
             p.add_(0.01 * torch.randn_like(p))
     output = trainer.network(data)
     fast = method.loss_terms(trainer, data, target, output)["plop_pod"]
+    assert not calls  # the teacher's decoder did not run
     output = trainer.network(data)
     full = DistillationMethod.loss_terms(method, trainer, data, target, output)["plop_pod"]
+    hook.remove()
     assert fast.item() > 0
     assert torch.allclose(fast, full)
+
+
+# ---- nnU-Net's loss with another ignore label -----------------------------------------------------------------------
+def nnunet_loss(ignore_label=None):
+    return DeepSupervisionWrapper(
+        DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
+                       weight_dice=1, ignore_label=ignore_label, dice_class=MemoryEfficientSoftDiceLoss),
+        deep_supervision_weights(2))
+
+
+def test_loss_with_ignore_label_changes_only_the_ignore_label():
+    from types import SimpleNamespace
+
+    from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
+
+    from lifelong_nnunet.nnunet.trainer import ContinualTrainer
+    g = torch.Generator().manual_seed(0)
+    out = [torch.randn(2, 3, 8, 8, generator=g, requires_grad=True), torch.randn(2, 3, 4, 4, generator=g)]
+    tgt = [torch.randint(0, 3, (2, 1, 8, 8), generator=g).float(),
+           torch.randint(0, 3, (2, 1, 4, 4), generator=g).float()]
+    original = nnunet_loss()
+    copy_ = loss_with_ignore_label(original, 9)
+    assert original.loss.ignore_label is None and original.loss.ce.ignore_index == -100  # the original untouched
+    bare = loss_with_ignore_label(original.loss, 9)  # without deep supervision
+    assert isinstance(bare, DC_and_CE_loss) and bare.ignore_label == 9 == bare.ce.ignore_index
+    assert copy_(out, tgt).item() == original(out, tgt).item()  # no voxel marked: the same loss, same operations
+    marked = [t.clone() for t in tgt]
+    marked[0][0, 0, :4] = 9
+    kept = [t.clone() for t in tgt]
+    kept[0][0, 0, :4] = 0
+    value = copy_(out, marked)
+    grad, = torch.autograd.grad(value, out[0])
+    assert grad[0, :, :4].abs().max().item() == 0.0 and grad[0, :, 4:].abs().min().item() > 0
+    assert value.item() != copy_(out, kept).item()
+    # the dataset's own ignore label serves as it is; another one, or a region loss, is refused
+    own = nnunet_loss(ignore_label=9)
+    assert loss_with_ignore_label(own, 9) is own
+    with pytest.raises(ValueError, match="already ignores"):
+        loss_with_ignore_label(own, 5)
+    with pytest.raises(ValueError, match="DC_and_BCE_loss"):
+        loss_with_ignore_label(DC_and_BCE_loss({}, {"batch_dice": True, "do_bg": True, "smooth": 1e-5}), 5)
+    # the real trainer builds the copy once per label
+    trainer = SimpleNamespace(loss=original, _losses_ignoring={})
+    first = ContinualTrainer.loss_ignoring(trainer, 9)
+    assert ContinualTrainer.loss_ignoring(trainer, 9) is first and first.loss.ignore_label == 9

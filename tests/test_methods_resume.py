@@ -3,8 +3,9 @@ new stage and resumed, ends with exactly the stage models and results of the uni
 method's state (importances, teachers, the replay buffer, RW's running sums) is saved with each stage and restored
 both by `extend` and by the resume inside a stage, and nothing of the first task but a declared replay buffer is
 left in the run folder or the extension's cache. `joint`, which cannot grow stage by stage, resumes an interrupted
-`run` instead. ewc, mas and rw run the class scenario here (their importances must grow with the head), every other
-method that has the domain scenario runs it.
+`run` instead. ewc, mas and rw run the class scenario here (their importances must grow with the head), and so does
+plop (its pseudo-labels go through the real trainer's loss); every other method that has the domain scenario runs
+it.
 """
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ CONFIGURATION = "2d"
 # 10 steps falls after the cut), and resuming with a wrong step count shifts its updates.
 METHOD_PARAMS = {"ewc": {"fisher_batches": 2}, "mas": {"importance_batches": 2}, "rw": {"update_interval": 2},
                  "frozen_encoder_decoders": {"val_batches": 2, "widths": [0.25], "convs": [1]}}
-CLASS_SCENARIO = ("ewc", "mas", "rw")  # plus the class-only methods
+# plus the class-only methods; plop runs the class scenario so that its pseudo-labels and nnU-Net's loss with an ignore
+# label (`ContinualTrainer.loss_ignoring`) run in the real trainer somewhere in the suite
+CLASS_SCENARIO = ("ewc", "mas", "rw", "plop")
 # joint trains every task in one stage, so it cannot grow stage by stage (test_extend.py checks the refusal)
 EXTENDABLE = [m for m in METHODS if m != "joint"]
 

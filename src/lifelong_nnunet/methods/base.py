@@ -118,6 +118,11 @@ class TrainerView(Protocol):
     def loss(self) -> Callable[[Any, Any], torch.Tensor]:
         """nnU-Net's training loss (Dice + CE, deep supervision): ``loss(output, target)``."""
 
+    def loss_ignoring(self, label: int) -> Callable[[Any, Any], torch.Tensor]:
+        """``loss`` with ``label`` as its ignore label: target voxels of that value get neither loss nor gradient
+        (nnU-Net leaves voxels out of its loss only this way). ``label`` must be the dataset's ignore label, or any
+        value when the dataset has none."""
+
     @property
     def seed(self) -> int:
         """The run's seed (with `seeding.seed_everything`, for random draws a method makes itself)."""

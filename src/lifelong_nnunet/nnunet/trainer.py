@@ -34,6 +34,7 @@ from ..io_utils import atomic_write
 from ..methods.base import Method, Stage, StageState
 from ..seeding import seed_everything
 from .env import nnunet_env
+from .loss import loss_with_ignore_label
 from .network import set_deep_supervision
 
 LATEST = "checkpoint_latest.pth"
@@ -139,6 +140,7 @@ class ContinualTrainer(nnUNetTrainer):
         self.on_epoch = on_epoch
         self.on_iteration = on_iteration  # called after every training step with its loss (progress per iteration)
         self._progress = progress
+        self._losses_ignoring: dict[int, Any] = {}  # `loss_ignoring`'s copies of self.loss, per ignore label
         self.save_every = 1
         # class scenario: per task, local label value -> training target (global ID); see `map_targets`
         self.target_luts = {s.task: torch.tensor(lut) for s in sources
@@ -164,6 +166,13 @@ class ContinualTrainer(nnUNetTrainer):
     @property
     def ignore_label(self) -> int | None:
         return self.label_manager.ignore_label
+
+    def loss_ignoring(self, label: int) -> Callable[[Any, Any], torch.Tensor]:
+        """nnU-Net's own training loss (``self.loss``, built by ``initialize``) with ``label`` as its ignore label
+        (`nnunet.loss`); built once per label and stage."""
+        if label not in self._losses_ignoring:
+            self._losses_ignoring[label] = loss_with_ignore_label(self.loss, label)
+        return self._losses_ignoring[label]
 
     def progress(self, description: str, total: int) -> Callable[[], None]:
         return (self._progress or no_progress)(description, total)
