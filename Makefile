@@ -22,7 +22,8 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-# the whole suite, end-to-end runs included (about 18 min on 2 CPU cores, measured), after the linter
+# the whole suite, end-to-end runs included (about 18 min on 2 CPU cores, measured before the speed-ups of
+# benchmarks/results/test_suite_speed.md; not measured since), after the linter
 test: lint
 	$(PYTEST) tests
 

@@ -14,6 +14,18 @@ from lifelong_nnunet.datasets.synthetic import build_synthetic_sites
 SMALL_SHAPE = (24, 24, 24)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_progress_figure():
+    """nnU-Net draws its progress.png (a 3000 x 5400 pixel figure) at the end of every stage we train: 1.2-1.6 s of
+    CPU each (measured), for a file no test reads, in every stage the suite trains in this process. Runs
+    started as a subprocess (the console-script tests) still draw it, so the plotting itself stays exercised."""
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+    patch = pytest.MonkeyPatch()
+    patch.setattr(MetaLogger, "plot_progress_png", lambda self, output_folder: None)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def _pristine_sites(tmp_path_factory) -> list[Path]:
     """Two valid synthetic sites (6 cases each), built once per session. Never modify: use `raw_sites`."""

@@ -453,13 +453,15 @@ def test_one_task_of_the_class_model_exports_to_stock_nnunet(fed_run, structure_
 
 @pytest.mark.slow
 def test_sequential_with_expanded_head_in_the_class_scenario(structure_tasks, class_cache, tmp_path):
+    """All three tasks, as `fed_run`: the same tasks share its planning (a planning costs more than a stage here)."""
     run = tmp_path / "seq"
-    summary = _class_run(structure_tasks[:2], "sequential", {}, run, class_cache)
-    w1 = torch.load(run / "stages" / "stage_1" / "model.pt", weights_only=True)["network_weights"]
-    w2 = torch.load(run / "stages" / "stage_2" / "model.pt", weights_only=True)["network_weights"]
+    summary = _class_run(structure_tasks, "sequential", {}, run, class_cache)
     seg = "decoder.seg_layers.0.weight"
-    assert w1[seg].shape[0] == 3 and w2[seg].shape[0] == 5  # the head grew by task B's two structures
-    assert summary["scenario"] == "class" and len(summary["R"]) == 3  # stage 0 + two stages
+    channels = [torch.load(run / "stages" / f"stage_{i}" / "model.pt", weights_only=True)["network_weights"][seg]
+                .shape[0] for i in (1, 2, 3)]
+    # the head grew by task B's two structures, then by C's epsilon alone (its beta is A's, already segmented)
+    assert channels == [3, 5, 6]
+    assert summary["scenario"] == "class" and len(summary["R"]) == 4  # stage 0 + three stages
 
 
 def test_domain_only_methods_are_refused_in_the_class_scenario(structure_tasks, tmp_path):

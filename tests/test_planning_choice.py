@@ -98,3 +98,28 @@ def test_a_budget_that_would_take_hours_is_warned_about_once_after_the_first_epo
         clock[0] += 2.0
         quick.tick()
     assert quick.slow_budget_warning(stage=1, left_iterations=4 * 20) is None  # 160 s left: nothing to say
+
+
+def test_a_small_dataset_plans_with_nnunets_pools_as_one_thread_of_the_planning_process(tmp_path, monkeypatch):
+    """nnU-Net's pools (spawned for the fingerprint and preprocessing, forked for file listing) run the work in the
+    planning process itself for small data, and are nnU-Net's own again afterwards and for large data."""
+    import multiprocessing
+    import os
+
+    from nnunetv2.utilities import utils
+
+    from lifelong_nnunet.nnunet import planning
+    images = tmp_path / "raw" / "Dataset001_A" / "imagesTr"
+    images.mkdir(parents=True)
+    (images / "a_0000.nii.gz").write_bytes(b"x" * 1000)
+    (images.parent / "dataset.json").write_text("{}")  # not training data: not counted
+    assert planning.training_bytes(tmp_path / "raw") == 1000
+    real_context, real_pool = multiprocessing.get_context, utils.Pool
+    with planning._pools_for(tmp_path / "raw"):
+        for pool in (multiprocessing.get_context("spawn").Pool(2), utils.Pool(processes=12)):
+            with pool:
+                assert pool.starmap(os.getpid, [(), ()]) == [os.getpid()] * 2 and len(pool._pool) == 1
+    assert (multiprocessing.get_context, utils.Pool) == (real_context, real_pool)
+    monkeypatch.setattr(planning, "IN_PROCESS_PLANNING_BYTES", 999)
+    with planning._pools_for(tmp_path / "raw"):
+        assert (multiprocessing.get_context, utils.Pool) == (real_context, real_pool)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lifelong_nnunet.errors import UserInputError
-from lifelong_nnunet.nnunet.planning import Workspace
+from lifelong_nnunet.experiment import Planning
+from lifelong_nnunet.nnunet.planning import Workspace, resolve_planning
 from lifelong_nnunet.nnunet.stock_model import read_stock_model
 from lifelong_nnunet.tasks import load_task, make_test_split
 
@@ -19,11 +20,12 @@ TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 
 def planned_workspace(task_folders, cache: Path) -> tuple[Workspace, list]:
-    """The workspace the end-to-end runs plan (same tasks, same default test split), so planning is shared."""
+    """The workspace the end-to-end runs plan (same tasks, same default test split, the planner settings a CPU run
+    resolves), so planning is shared."""
     tasks = [load_task(f) for f in task_folders]
     for t in tasks:
         t.test_cases = make_test_split(t, 0.25, 1, 0)
-    workspace = Workspace(cache, tasks, "3d_fullres")
+    workspace = Workspace(cache, tasks, "3d_fullres", planning=resolve_planning(Planning(), "cpu"))
     workspace.ensure_planned(lambda *_: None)
     return workspace, tasks
 

@@ -12,6 +12,7 @@ the same ``plan_with``) reuses one planning, and runs on the same tasks and spli
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -235,6 +236,57 @@ def clear_cache(root: Path) -> tuple[int, int]:
 
 PROGRESS_PREFIX = "@progress "
 
+# Training data (images and labels, bytes on disk) up to which nnU-Net's worker pools run as one thread inside the
+# planning process (`_in_process_pools`). Each of nnU-Net's spawned workers imports torch and nnU-Net before it does
+# any work, which costs more than the work on small data: planning and preprocessing two 4-case 24^3 tasks took
+# 80-104 s with nnU-Net's processes and 35-36 s in-process, with the same bytes written (benchmarks/planning_pools.py,
+# results/planning_pools.md; a shared, loaded 2-core machine). The test and demo datasets are a few MB at most.
+# Larger datasets keep nnU-Net's parallel processes, where the work outweighs their start.
+IN_PROCESS_PLANNING_BYTES = 32 * 2**20
+
+
+def training_bytes(raw: Path) -> int:
+    """Bytes on disk of the training images and labels under a workspace's raw view (links followed)."""
+    return sum(f.stat().st_size for pattern in ("*/imagesTr/*", "*/labelsTr/*") for f in raw.glob(pattern))
+
+
+@contextlib.contextmanager
+def _in_process_pools():
+    """Run nnU-Net's worker pools (fingerprint extraction and preprocessing: spawned processes; file listing: 12
+    forked ones) as a single thread of this process. The same per-case functions run on the same inputs, one case
+    after another, and nnU-Net gathers their results in case order as before, so the fingerprint, plans and
+    preprocessed arrays are the same bytes (compared by benchmarks/planning_pools.py); only the start of the
+    processes is saved. Used only in the planning child process, which is started for planning alone."""
+    import multiprocessing
+    from multiprocessing.pool import ThreadPool
+
+    from nnunetv2.utilities import utils
+
+    real_get_context, real_pool = multiprocessing.get_context, utils.Pool
+
+    class _Context:  # nnU-Net asks for get_context("spawn").Pool(n)
+        def __init__(self, method=None):
+            self._context = real_get_context(method)
+
+        def __getattr__(self, name):
+            return getattr(self._context, name)
+
+        @staticmethod
+        def Pool(processes=None, *args, **kw):
+            return ThreadPool(1)
+
+    multiprocessing.get_context = _Context
+    utils.Pool = lambda processes=None, *args, **kw: ThreadPool(1)
+    try:
+        yield
+    finally:
+        multiprocessing.get_context, utils.Pool = real_get_context, real_pool
+
+
+def _pools_for(raw: Path):
+    """nnU-Net's own worker processes for a large dataset, one thread of this process for a small one."""
+    return _in_process_pools() if training_bytes(raw) <= IN_PROCESS_PLANNING_BYTES else contextlib.nullcontext()
+
 
 def _preprocess_with_given_plans(plans: dict, tasks: list[tuple[str, int]], configuration: str, log) -> None:
     """Each task preprocessed with ``plans``, written for it the way nnU-Net's ``move_plans_between_datasets``
@@ -315,7 +367,7 @@ def _child_main(argv: list[str]) -> None:
     # augmentation in the main process (nnUNet_n_proc_DA=0) still plans, with one thread
     threads = "1" if os.environ.get("nnUNet_n_proc_DA", "").strip() == "0" else os.environ.get("nnUNet_n_proc_DA")
     with nnunet_env(root / "nnUNet_raw", root / "nnUNet_preprocessed",
-                    **({"nnUNet_n_proc_DA": threads} if threads else {})):
+                    **({"nnUNet_n_proc_DA": threads} if threads else {})), _pools_for(root / "nnUNet_raw"):
         if spec["given_plans"]:
             _preprocess_with_given_plans(json.loads((root / "given_plans.json").read_text()), tasks,
                                          spec["configuration"], log)
