@@ -7,7 +7,7 @@
 Each method is tuned over its grid (GRIDS) on the synthetic-sites sequence, every setting scored on validation cases
 carved from the training split (the test cases are never used). The `sequential` reference runs first (so a
 sequence on which it forgets nothing is seen before any tuning) and is shared by every method's tune: the same run
-(`score_on: validation`, same spec and seed), copied into each tune folder, where `tune` finds it finished. Writes
+(`score_on: validation`, same spec and seed), given to each tune with `--reference`. Writes
 benchmarks/results/tune_defaults.{md,json}: per method its table and the chosen setting. The defaults in the
 methods' code come from this table (their docstrings say so) and are checked on the demo by benchmarks/methods.py.
 Resumable: every run is an ordinary run folder, and a finished one is skipped.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,13 +61,10 @@ def main() -> None:
     results = {}
     for method in args.methods:
         folder = out / f"tune_{method}"
-        copy = folder / "runs" / "sequential" / "seed0"
-        if not copy.exists():
-            shutil.copytree(reference, copy)  # the same run (same spec, seed and data): `tune` finds it finished
         grid = [a for g in GRIDS[method] for a in ("--grid", g)]
         print(f"== tune {method}: {' '.join(GRIDS[method])}", flush=True)
         subprocess.run([sys.executable, "-m", "lifelong_nnunet.cli", "tune", "--tasks", *tasks, *common, "--method",
-                        method, *grid, "-o", str(folder)], check=True)
+                        method, *grid, "--reference", str(reference), "-o", str(folder)], check=True)
         record = read_json(folder / "tune.json")
         results[method] = {"grid": GRIDS[method], "chosen": record["chosen"], "scores": record["scores"],
                            "report": str(folder / "tune.md")}

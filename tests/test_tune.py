@@ -127,6 +127,25 @@ def test_tune_runs_every_setting_on_validation_chooses_and_resumes(raw_sites, tm
         tune(base, {"lambda": [1, 10]}, [0, 1], out, quiet=True)
 
 
+def test_a_finished_reference_is_shared_and_a_different_one_refused(raw_sites, tmp_path, monkeypatch):
+    calls: list = []
+    _fake_run(monkeypatch, calls)
+    base = {"tasks": [str(p) for p in raw_sites], "method": "ewc", "configuration": "2d"}
+    tune(base, {"lambda": [1]}, [0], tmp_path / "first", quiet=True)
+    calls.clear()
+    shared = tmp_path / "first" / "runs" / "sequential"
+    record = tune({**base, "method": "mas"}, {"lambda": [1, 10]}, [0], tmp_path / "second", quiet=True,
+                  reference=shared)
+    assert [c[0] for c in calls] == ["mas", "mas"]  # the reference was not run again
+    assert record["reference_runs"] == {"0": str(shared / "seed0")}
+    assert record["scores"][-1]["final_average"] == pytest.approx(0.9 - 10 / 100)  # the shared run's summary
+    with pytest.raises(UserInputError, match="differs in: training"):
+        tune({**base, "training": {"epochs": 2}}, {"lambda": [1]}, [0], tmp_path / "third", reference=shared)
+    with pytest.raises(UserInputError, match="no finished run"):
+        tune(base, {"lambda": [1]}, [0], tmp_path / "fourth", reference=tmp_path)
+    assert not (tmp_path / "third").exists() and not (tmp_path / "fourth").exists()
+
+
 def test_tune_refuses_a_folder_it_did_not_write(raw_sites, tmp_path, monkeypatch):
     _fake_run(monkeypatch, [])
     (tmp_path / "tune").mkdir()

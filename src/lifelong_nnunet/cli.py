@@ -243,6 +243,9 @@ def tune(
     param: Annotated[list[str] | None, typer.Option("--param", help="A fixed method parameter NAME=VALUE "
                                                     "(repeatable), shared by every setting.")] = None,
     seeds: Annotated[int, typer.Option(help="Seeds per setting: 0..N-1. The score is the mean over seeds.")] = 1,
+    reference: Annotated[Path | None, typer.Option(help="Finished sequential runs to use as the reference instead "
+                                                   "of running it (another tune's runs/sequential, same tasks and "
+                                                   "budget).")] = None,
     scenario: Annotated[str | None, typer.Option(help="domain or class.")] = None,
     configuration: Annotated[str | None, typer.Option(help="nnU-Net configuration: 3d_fullres or 2d.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs per stage.")] = None,
@@ -276,7 +279,8 @@ def tune(
                               "cache_dir": _folder_flag(cache_dir)}, epochs, iterations)
     if param:
         data["method_params"] = {**(data.get("method_params") or {}), **_parse_params(param)}
-    run_tune(data, parse_grid(grid or []), list(range(seeds)), output, quiet=quiet, command=command_line())
+    run_tune(data, parse_grid(grid or []), list(range(seeds)), output, quiet=quiet, command=command_line(),
+             reference=reference)
 
 
 @app.command()

@@ -27,7 +27,7 @@ import numpy as np
 
 from .console import RunLog
 from .errors import MethodParamError, UserInputError
-from .run_folder import TuneFolder
+from .run_folder import RunFolder, TuneFolder
 
 REFERENCE_METHOD = "sequential"
 #: The summary keys a setting is described by (means over seeds).
@@ -104,7 +104,7 @@ def _label_value(value: Any) -> str:
 
 
 def tune(base: dict, grid: dict[str, list], seeds: list[int], output: str | os.PathLike, *, quiet: bool = False,
-         command: str | None = None) -> dict:
+         command: str | None = None, reference: str | os.PathLike | None = None) -> dict:
     """Run (or resume) a tune into ``output``; returns tune.json's record with the scores and the chosen setting.
 
     ``base``: the experiment fields every run shares (as `run` takes them: tasks, method, method_params, budget,
@@ -114,13 +114,18 @@ def tune(base: dict, grid: dict[str, list], seeds: list[int], output: str | os.P
     from .runner import prepare, run_experiment
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserInputError(f"--seeds must give distinct seeds (got {seeds}).")
-    base = {**base, "score_on": "validation"}
+    from .tasks import resolve_task_folder
+    raw_root = base.get("raw_root") or os.environ.get("nnUNet_raw")
+    base = {**base, "score_on": "validation",  # tasks as folders: the runs' identities name folders, as `run` does
+            "tasks": [str(resolve_task_folder(t, Path(raw_root) if raw_root else None)) for t in base.get("tasks", [])]}
     method = base.get("method") or "sequential"
     settings = settings_of(method, dict(base.get("method_params") or {}), grid)
     experiments = {(s.label, seed): experiment_from_dict({**base, "method": s.method, "method_params": s.params,
                                                           "seed": seed}, f"tune setting {s.label}")
                    for s in settings for seed in seeds}
     folder = TuneFolder(Path(output).expanduser().resolve())
+    given = reference_runs(reference, {seed: experiments[(REFERENCE_METHOD, seed)] for seed in seeds}) \
+        if reference is not None else {}
     first = next(iter(experiments.values()))
     prepare(first, folder.run(*next(iter(experiments))).root, RunLog(None, True))  # the data, before any write
     identity = {"method": method, "grid": grid, "seeds": list(seeds),
@@ -137,6 +142,7 @@ def tune(base: dict, grid: dict[str, list], seeds: list[int], output: str | os.P
     if command and (not commands or commands[-1] != command):
         commands.append(command)
     record = {"identity": identity, "commands": commands, "scored_on": _SCORED_ON,
+              "reference_runs": {str(seed): str(run.root) for seed, run in given.items()},
               "settings": [{"label": s.label, "method": s.method, "params": s.params} for s in settings]}
     folder.root.mkdir(parents=True, exist_ok=True)
     folder.write_tune(record)
@@ -146,9 +152,12 @@ def tune(base: dict, grid: dict[str, list], seeds: list[int], output: str | os.P
         f"{len(seeds)} seed(s) = {n} run(s), scored on validation cases (the test cases are never used).")
     summaries: dict[tuple[str, int], dict] = {}
     for k, ((label, seed), exp) in enumerate(experiments.items(), start=1):
+        if label == REFERENCE_METHOD and seed in given:  # another tune's finished run: read, never written to
+            log(f"[{k}/{n}] {label}, seed {seed}: the given reference {given[seed].root}")
+            summaries[(label, seed)] = given[seed].read_summary()
+            continue
         run = folder.run(label, seed)
-        done = run.summary.is_file()
-        log(f"[{k}/{n}] {label}, seed {seed}: {'already done' if done else 'running'}")
+        log(f"[{k}/{n}] {label}, seed {seed}: {'already done' if run.summary.is_file() else 'running'}")
         summaries[(label, seed)] = run_experiment(exp, run.root, quiet=quiet)
         log(f"[{k}/{n}] {label}, seed {seed}: final average {_fmt(summaries[(label, seed)].get('final_average'))}")
     rows, scores = score_settings(settings, seeds, summaries)
@@ -166,6 +175,29 @@ def tune(base: dict, grid: dict[str, list], seeds: list[int], output: str | os.P
         log(f"Chosen: {chosen} (final average validation {_fmt(_score(scores, chosen))}). Use it with: "
             + " ".join(f"--param {k}={v}" for k, v in params.items()) + f". Report: {folder.report}")
     return record
+
+
+def reference_runs(reference: str | os.PathLike, experiments: dict[int, Any]) -> dict[int, RunFolder]:
+    """The finished `sequential` run of each seed under ``reference``: ``reference/seed<S>`` (another tune's
+    ``runs/sequential``), or ``reference`` itself for a single seed. Each must be the very run this tune would make
+    (same experiment identity: tasks, budget, score_on validation, seed), else it is refused."""
+    root = Path(reference).expanduser().resolve()
+    out = {}
+    for seed, exp in experiments.items():
+        run = RunFolder(root / f"seed{seed}") if (root / f"seed{seed}").is_dir() or len(experiments) > 1 \
+            else RunFolder(root)
+        if not run.summary.is_file() or not run.spec.is_file():
+            raise UserInputError(f"--reference: {run.root} holds no finished run (summary.json is missing). Give a "
+                                 f"finished sequential run scored on validation cases (another tune's "
+                                 f"runs/sequential), or leave --reference out to run the reference here.")
+        stored = run.read_experiment().identity()
+        if stored != exp.identity():
+            diff = sorted(k for k in set(stored) | set(exp.identity()) if stored.get(k) != exp.identity().get(k))
+            raise UserInputError(f"--reference: {run.root} is not the reference this tune would run (differs in: "
+                                 f"{', '.join(diff)}). Give a sequential run of the same tasks, budget and seed with "
+                                 f"score_on: validation, or leave --reference out.")
+        out[seed] = run
+    return out
 
 
 _SCORED_ON = ("validation cases carved from each task's training split (tasks.scored_cases); each task's test cases "
