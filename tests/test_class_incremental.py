@@ -369,8 +369,8 @@ def test_a_student_cut_from_its_teacher_reaches_the_teachers_dice_where_one_from
     for init in ("teacher", "scratch"):
         turn = iter(range(10**6))
         search = dataclasses.replace(_search(0.05, iterations=5, kd_weight=1.0, init=init), widths=(0.5,))
-        found[init] = search_student(encoder, teacher, 3, search, batches, lambda: batches[next(turn) % len(batches)], _no_task_loss,
-                                     torch.device("cpu"), seed=torch.manual_seed)
+        found[init] = search_student(encoder, teacher, 3, search, batches, lambda: batches[next(turn) % len(batches)],
+                                     _no_task_loss, torch.device("cpu"), seed=torch.manual_seed)
     cut, fresh = found["teacher"], found["scratch"]
     assert cut.teacher_dice == 1.0 and cut.student is not None and cut.kept_teacher is None
     assert cut.tried[-1]["init"] == "teacher" and cut.tried[-1]["dice"] >= 0.95

@@ -119,6 +119,9 @@ def _output_importance(block: nn.Module) -> torch.Tensor:
     return block.conv.weight.detach().abs().flatten(1).sum(1)
 
 
+_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")  # per channel (affine, batch statistics)
+
+
 def _layers(decoder: nn.Module, s: int) -> list[nn.Module]:
     return [decoder.transpconvs[s], *(b.conv for b in decoder.stages[s].convs), decoder.seg_layers[s]]
 
@@ -142,7 +145,9 @@ def inherits_teacher(student: CompactDecoder, teacher: nn.Module) -> bool:
                     or (a.bias is None) != (b.bias is None) or a.out_channels > b.out_channels:
                 return False
         for a, b in zip(s_blocks, t_blocks):
-            if (getattr(a, "norm", None) is None) != (getattr(b, "norm", None) is None):
+            norm, t_norm = getattr(a, "norm", None), getattr(b, "norm", None)
+            present = [(getattr(norm, n, None) is None) == (getattr(t_norm, n, None) is None) for n in _NORM_TENSORS]
+            if type(norm) is not type(t_norm) or not all(present):
                 return False
         up, t_up = student.transpconvs[s], teacher.transpconvs[s]
         if s_blocks[0].conv.in_channels - up.out_channels != t_blocks[0].conv.in_channels - t_up.out_channels or \
@@ -154,7 +159,7 @@ def inherits_teacher(student: CompactDecoder, teacher: nn.Module) -> bool:
 def _copy_norm(norm: nn.Module | None, t_norm: nn.Module | None, kept: torch.Tensor) -> None:
     if norm is None:
         return
-    for name in ("weight", "bias", "running_mean", "running_var"):
+    for name in _NORM_TENSORS:
         value, t_value = getattr(norm, name, None), getattr(t_norm, name, None)
         if value is not None:
             value.copy_(t_value[kept])
