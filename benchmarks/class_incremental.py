@@ -77,7 +77,8 @@ def student_label(record: dict) -> str:
     if st is None:
         reason = record.get("kept_teacher")
         return "full size (" + (f"kept: {reason}" if reason else "not compressed") + ")"
-    return f"{st['width']:g} x {st['n_conv']} (Dice {st['dice']:.3f}, within tolerance)"
+    start = ", cut from the teacher" if st.get("init") == "teacher" else ""
+    return f"{st['width']:g} x {st['n_conv']} (Dice {st['dice']:.3f}, within tolerance{start})"
 
 
 def parameters(model: Path) -> int:

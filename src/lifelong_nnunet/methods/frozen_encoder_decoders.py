@@ -33,7 +33,7 @@ from ..networks.output_head import resize_output
 from ..seeding import seed_everything
 from .base import Method, Stage, StockNetwork
 from .compression import StudentSearch, search_student, validation_logits
-from .params import Param, flag, integer, number, numbers
+from .params import Param, flag, integer, number, numbers, one_of
 
 
 class FrozenEncoderDecoders(Method):
@@ -42,11 +42,17 @@ class FrozenEncoderDecoders(Method):
     learns_state_from_task_data = True  # each decoder's temperature is fitted on its task's validation patches
     params: ClassVar[dict[str, Param]] = {
         "compress": flag(True),  # distil each new decoder (stage 2 on) into a smaller student
+        # The student recipe's defaults were chosen on the validation patches of task B of synthetic-structures (2d,
+        # 4 epochs x 25 iterations per stage; never its test cases): docs/methods/frozen_encoder_decoders.md,
+        # "How the student recipe was chosen".
         # candidate student widths, as fractions of the encoder's features per stage
-        "widths": numbers([0.25, 0.5], min=0, min_open=True),
-        "convs": numbers([1, 2], min=1, whole=True),  # candidate convolutions per decoder stage
+        "widths": numbers([0.25, 0.375, 0.5], min=0, min_open=True),
+        # candidate convolutions per decoder stage: nnU-Net's plans' 2, so that a student starts from its teacher
+        "convs": numbers([2], min=1, whole=True),
         # a student may have at most this fraction of one nnU-Net's parameters
-        "size_budget": number(0.25, min=0, max=1, min_open=True),
+        "size_budget": number(0.15, min=0, max=1, min_open=True),
+        # "teacher": a student of the teacher's depth starts from the teacher's most important channels
+        "student_init": one_of("teacher", ("teacher", "scratch")),
         # accept the smallest student within this Dice of its teacher (validation patches)
         "dice_tolerance": number(0.01, min=0),
         # student training iterations, as a fraction of the stage's
@@ -170,7 +176,8 @@ class FrozenEncoderDecoders(Method):
                                         * trainer.num_iterations_per_epoch)),
                 lr=trainer.initial_lr, temperature=float(self.config["kd_temperature"]),
                 kd_weight=float(self.config["kd_weight"]),
-                deep_supervision=bool(getattr(full.decoder, "deep_supervision", False)))
+                deep_supervision=bool(getattr(full.decoder, "deep_supervision", False)),
+                init=self.config["student_init"])
             found = search_student(
                 net.encoder, full.decoder, self._num_local(task), search, val, lambda: next(train_batches),
                 trainer.loss, device, seed=lambda i: seed_everything(trainer.seed, stage.index, 1000 + i),
