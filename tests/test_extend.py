@@ -63,7 +63,7 @@ def test_extend_after_the_old_training_data_and_the_cache_are_deleted(three_site
     assert summary["not_evaluated"] == [[3, sites[0].name]]
     assert summary["final_per_task"][0] is None  # missing, not zero
     assert summary["final_average"] == pytest.approx(sum(summary["final_per_task"][1:]) / 2)
-    assert summary["history"][-1]["budget"] == {"epochs": 2, "iterations_per_epoch": 2}
+    assert summary["history"][-1]["budget"] == {"epochs": 2, "iterations_per_epoch": 2, "augmentation_workers": 0}
     report = (run / "report.md").read_text()
     assert "not evaluated (test data absent)" in report and "## History" in report
     # the privacy promise: nothing of A or B outside the declared buffer, and an empty cache
