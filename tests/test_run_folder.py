@@ -86,8 +86,9 @@ def test_report_of_an_old_run_reproduces_its_summary(old_run):
                                              "test_cases": ["synthsite_a_003", "synthsite_a_004"], "imported": False,
                                                  "normalisation": None}
     assert summary.pop("warnings") == [] and summary.pop("learned_nothing") == {"stages": [], "labels": []}
-    assert summary.pop("budget")["stages"] == [{"stage": 1, "epochs": 1, "iterations_per_epoch": 2, "imported": False},
-                                               {"stage": 2, "epochs": 1, "iterations_per_epoch": 2, "imported": False}]
+    # an old run recorded no worker count: None ("not recorded"), never a guess
+    assert summary.pop("budget")["stages"] == [{"stage": k, "epochs": 1, "iterations_per_epoch": 2,
+                                                "augmentation_workers": None, "imported": False} for k in (1, 2)]
     assert set(summary.pop("per_label_final")) == set(summary["tasks"])
     assert _close(summary, before)
     # the old report's lines all come back, in their order; the sections added since come in between
