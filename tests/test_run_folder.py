@@ -75,6 +75,7 @@ def test_report_of_an_old_run_reproduces_its_summary(old_run):
     # the old summary had is reproduced
     assert summary.pop("not_evaluated") == [] and summary.pop("history") == [] and summary.pop("notes") == []
     assert summary.pop("task_agnostic") is None  # a method without heads
+    assert summary.pop("scored_on") == "test"  # runs before `tune` existed were all scored on their test cases
     for entry in summary["by_metric"].values():
         assert entry.pop("n_not_evaluated") == 0
     # what a format-1 run never recorded reads as not recorded (None), never as zero
