@@ -115,12 +115,12 @@ def one_nnunet(fed_run: Path):
 
 def inference_times(fed_run: Path, cases: list[list[Path]], repeats: int) -> tuple[float, float]:
     """Median seconds per case of the merged model and of one nnU-Net, alternated case by case."""
-    from lifelong_nnunet.deploy import load_network, select_model
+    from lifelong_nnunet.deploy import _load_run_network, select_model
     from lifelong_nnunet.nnunet.predictor import Segmenter
     device = torch.device("cpu")
     segmenters = {}
-    for name, (net, plans, djson, exp) in (("merged", load_network(fed_run, select_model(fed_run), None)),
-                                            ("one", one_nnunet(fed_run))):
+    _, merged, _, plans, djson, exp = _load_run_network(fed_run, select_model(fed_run))
+    for name, (net, plans, djson, exp) in (("merged", (merged, plans, djson, exp)), ("one", one_nnunet(fed_run))):
         segmenters[name] = Segmenter(net, plans, exp.configuration, djson, device)
     times = {"merged": [], "one": []}
     for _ in range(repeats):
