@@ -11,7 +11,7 @@ from lifelong_nnunet.errors import UserInputError
 from lifelong_nnunet.experiment import experiment_from_dict
 from lifelong_nnunet.run_folder import RunFolder, TuneFolder
 from lifelong_nnunet.tasks import load_task, make_test_split, scored_cases
-from lifelong_nnunet.tuning import choose, parse_grid, score_settings, settings_of, tune
+from lifelong_nnunet.tuning import choose, grid_edge_warnings, parse_grid, score_settings, settings_of, tune
 
 
 def test_grid_values_are_numbers_where_they_are_numbers():
@@ -62,6 +62,14 @@ def test_the_highest_final_average_wins_and_ties_go_to_less_forgetting():
     assert choose(scores) == "lambda=100"  # the reference is never chosen, however good
     assert [round(e["forgetting_cut"], 3) for e in scores] == [0.333, 0.667, 0.833, 0.0]
     assert choose(_scores({"1": (None, None), "sequential": (0.5, 0.1)})) is None
+
+
+def test_a_choice_at_the_end_of_a_numeric_grid_is_flagged():
+    assert grid_edge_warnings({"lambda": [1, 10, 100]}, {"lambda": 10}) == []
+    [warning] = grid_edge_warnings({"lambda": [1, 10, 100], "online": [True, False]}, {"lambda": 100, "online": True})
+    assert "lambda=100 is the largest value tried" in warning
+    assert "smallest" in grid_edge_warnings({"lambda": [3, 1, 2]}, {"lambda": 1})[0]
+    assert grid_edge_warnings({"lambda": [1, 10]}, {"lambda": 10}) == []  # two values: no range to be inside of
 
 
 def test_no_forgetting_cut_when_the_reference_forgot_nothing():
@@ -119,6 +127,7 @@ def test_tune_runs_every_setting_on_validation_chooses_and_resumes(raw_sites, tm
     assert "**Chosen: lambda=10**" in text and "--param lambda=10" in text and "validation cases" in text
     assert folder.tradeoff_plot.stat().st_size > 0
     assert folder.read_tune()["scores"][1]["final_average_sd"] == 0.0  # both seeds scored alike here
+    assert folder.read_tune()["warnings"] == [] and "Warning" not in text  # the peak lies inside the grid
 
     calls.clear()
     assert tune(base, {"lambda": [1, 10, 100]}, [0, 1], out, quiet=True)["chosen"] == "lambda=10"

@@ -162,12 +162,15 @@ def tune(base: dict, grid: dict[str, list], seeds: list[int], output: str | os.P
         log(f"[{k}/{n}] {label}, seed {seed}: final average {_fmt(summaries[(label, seed)].get('final_average'))}")
     rows, scores = score_settings(settings, seeds, summaries)
     chosen = choose(scores)
-    record.update(scores=scores, chosen=chosen)
+    warnings = grid_edge_warnings(grid, next(s.params for s in settings if s.label == chosen)) if chosen else []
+    record.update(scores=scores, chosen=chosen, warnings=warnings)
     folder.write_table(rows)
     from .evaluation.plots import plot_tradeoff
     plot_tradeoff(scores, chosen, folder.tradeoff_plot, method, base.get("evaluation", {}).get("report_metric", "dice"))
     folder.write_report(render_tune(record, folder))
     folder.write_tune(record)
+    for warning in warnings:
+        log(f"Warning: {warning}")
     if chosen is None:
         log("No setting has a defined final average validation score; nothing was chosen (see tune.md).")
     else:
@@ -225,6 +228,20 @@ def score_settings(settings: list[Setting], seeds: list[int], summaries: dict) -
     return rows, scores
 
 
+def grid_edge_warnings(grid: dict[str, list], chosen: dict[str, Any]) -> list[str]:
+    """A chosen value at the end of a numeric range of three or more values: the best setting may lie beyond it."""
+    out = []
+    for name, values in grid.items():
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numbers) < 3 or len(numbers) != len(values):
+            continue
+        if chosen[name] in (min(numbers), max(numbers)):
+            end = "largest" if chosen[name] == max(numbers) else "smallest"
+            out.append(f"{name}={chosen[name]} is the {end} value tried: the best may lie beyond it. Extend the "
+                       f"grid past it and tune again.")
+    return out
+
+
 def choose(scores: list[dict]) -> str | None:
     """The setting with the highest mean final average (ties: the smaller mean forgetting); never the reference."""
     candidates = [e for e in scores if not e["reference"] and e["final_average"] is not None]
@@ -260,6 +277,8 @@ def render_tune(record: dict, folder: TuneFolder) -> str:
         params = next(e["params"] for e in scores if e["label"] == chosen)
         lines += [f"**Chosen: {chosen}** (final average {_fmt(_score(scores, chosen))}). Use it with `"
                   + " ".join(f"--param {k}={v}" for k, v in params.items()) + "`.", ""]
+        lines += [f"**Warning:** {w}" for w in record.get("warnings") or []] + \
+            ([""] if record.get("warnings") else [])
     sd = len(ident["seeds"]) > 1
 
     def cell(e: dict, key: str, spec: str = ".3f") -> str:
