@@ -35,7 +35,8 @@ def lwf_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], temperatu
 class LwF(DistillationMethod):
     name = "lwf"
     #: lambda (lambda_o in the paper): 1, the paper's default loss balance; temperature T = 2, the paper's choice
-    #: following Hinton et al. 2015 (Li & Hoiem, Sec. 3).
+    #: following Hinton et al. 2015 (Li & Hoiem, Sec. 3). lambda checked on validation data with `lifelong-nnunet
+    #: tune` (synthetic-sites, 2d): the best final average of 1..16, tied with 2 (docs/benchmarks.md).
     params: ClassVar[dict[str, Param]] = {"lambda": number(1.0, min=0),
                                           "temperature": number(2.0, min=0, min_open=True)}
 
