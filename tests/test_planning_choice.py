@@ -123,3 +123,32 @@ def test_a_small_dataset_plans_with_nnunets_pools_as_one_thread_of_the_planning_
     monkeypatch.setattr(planning, "IN_PROCESS_PLANNING_BYTES", 999)
     with planning._pools_for(tmp_path / "raw"):
         assert (multiprocessing.get_context, utils.Pool) == (real_context, real_pool)
+
+
+def test_a_run_waits_for_another_planning_the_same_workspace_then_reuses_it(raw_sites, tmp_path):
+    """Two runs sharing a cache start at once: the second waits on the workspace's lock and then reuses the first's
+    planning, instead of removing the folder being written (which crashed it with a traceback)."""
+    import threading
+
+    from filelock import FileLock
+
+    from lifelong_nnunet.nnunet.planning import Workspace, clear_cache
+    from lifelong_nnunet.tasks import load_task
+    tasks = [load_task(p) for p in raw_sites]
+    workspace = Workspace(tmp_path / "cache", tasks, "2d")
+    workspace.root.parent.mkdir(parents=True)
+    messages: list[str] = []
+    other = FileLock(workspace.lock_file)
+    other.acquire()  # "another run" is planning
+    waiting = threading.Thread(target=workspace.ensure_planned, args=(messages.append,))
+    waiting.start()
+    waiting.join(timeout=1.0)
+    assert waiting.is_alive() and messages and messages[0].startswith("Waiting for another run")
+    workspace.root.mkdir()
+    (workspace.root / "kept.txt").write_text("the other run's work")
+    workspace.done_marker.write_text("{}")  # ... which finishes
+    other.release()
+    waiting.join(timeout=30)
+    assert not waiting.is_alive() and messages[-1].startswith("Reusing planned")
+    assert (workspace.root / "kept.txt").is_file()  # nothing of the other run's planning was removed
+    assert clear_cache(tmp_path / "cache")[0] == 1 and not any((tmp_path / "cache").iterdir())  # nor a lock left

@@ -10,7 +10,6 @@ only, its declared buffer. Earlier tasks are re-evaluated on their held-out test
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,7 +85,7 @@ def extend_run(run_dir: str | os.PathLike, new_tasks: list[str], *, epochs: int 
     workspace.ensure_planned(log)
     summary = advance(exp, run, workspace, tasks, method, stages, labels, log, origin="extend")
     if not keep_cache:  # trained: their preprocessed copies leave the cache (the raw data are the user's to keep)
-        shutil.rmtree(workspace.root, ignore_errors=True)
+        workspace.remove()
         log(f"Removed the new task(s)' preprocessed data from the cache ({workspace.root})")
     return summary
 

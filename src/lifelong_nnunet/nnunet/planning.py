@@ -166,8 +166,35 @@ class Workspace:
     def dataset_json(self, task: Task) -> dict:
         return json.loads((self.raw / task.name / "dataset.json").read_text())
 
+    @property
+    def lock_file(self) -> Path:
+        return self.root.with_name(self.root.name + ".lock")
+
+    def remove(self) -> None:
+        """Delete the workspace (its preprocessed data) and its lock file."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.lock_file.unlink(missing_ok=True)
+
     def ensure_planned(self, log=print) -> None:
-        """Plan and preprocess once; a finished workspace is reused, an interrupted one is redone from scratch."""
+        """Plan and preprocess once; a finished workspace is reused, an interrupted one is redone from scratch.
+
+        Runs that share a cache may start at the same time (two terminals, a sweep's parallel runs): the workspace's
+        lock file lets one plan while the others wait, and they then reuse its result instead of removing the
+        folder it is writing."""
+        from filelock import FileLock, Timeout
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.lock_file)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log(f"Waiting for another run that is planning the same data in {self.root} ...")
+            lock.acquire()
+        try:
+            self._ensure_planned(log)
+        finally:
+            lock.release()
+
+    def _ensure_planned(self, log) -> None:
         if self.done_marker.is_file():
             log(f"Reusing planned and preprocessed data in {self.root}")
             return
@@ -231,6 +258,8 @@ def clear_cache(root: Path) -> tuple[int, int]:
     entries = cached_workspaces(root)
     for entry in entries:
         shutil.rmtree(entry["path"])
+    for lock in Path(root).glob("*.lock") if Path(root).is_dir() else []:  # the lock files of Workspace.ensure_planned
+        lock.unlink(missing_ok=True)
     return len(entries), sum(e["bytes"] for e in entries)
 
 
