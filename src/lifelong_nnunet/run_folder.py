@@ -632,6 +632,18 @@ def relocate_tasks(run_dir: str | Path, folders: Iterable[str | Path]) -> None:
     run.write_experiment(exp)
 
 
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    """A CSV of ``rows`` (dicts sharing their keys, in the first row's order), written atomically."""
+    import csv
+
+    def _write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(path, _write)
+
+
 # ---- a sweep folder ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ComparisonFiles:
@@ -691,14 +703,7 @@ class SweepFolder(_Folder):
 
     def write_runs_table(self, rows: list[dict]) -> None:
         """runs.csv: one row per run of the sweep (``rows`` share their keys)."""
-        import csv
-
-        def _write(tmp: str) -> None:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-        atomic_write(self.runs_table, _write)
+        _write_rows(self.runs_table, rows)
 
 
 # ---- a tuning folder ---------------------------------------------------------------------------------------------
@@ -739,14 +744,7 @@ class TuneFolder(_Folder):
 
     def write_table(self, rows: list[dict]) -> None:
         """tune.csv: one row per setting and seed (``rows`` share their keys)."""
-        import csv
-
-        def _write(tmp: str) -> None:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-        atomic_write(self.table, _write)
+        _write_rows(self.table, rows)
 
     def write_report(self, text: str) -> None:
         write_text(self.report, text)
