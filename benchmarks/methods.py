@@ -1,6 +1,7 @@
 """Every method on the demo benchmark with one budget and seed, in one table.
 
-    .venv/bin/python benchmarks/methods.py [--out runs/methods] [--epochs 7] [--iterations 50] [--methods ...]
+    .venv/bin/python benchmarks/methods.py [--out runs/methods] [--epochs 7] [--iterations 50] [--jobs 2]
+        [--methods ...]
 
 Each method is an ordinary run folder `OUT/<method>` (resumable; a finished run is not recomputed). `sequential`
 and `joint` always run too, in the same conditions, since times are reported relative to `sequential`.
@@ -11,8 +12,10 @@ with final average Dice, BWT, FWT, mean forgetting, the gap to `joint`, the forg
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lifelong_nnunet.datasets import build
@@ -34,16 +37,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores // jobs threads")
     args = parser.parse_args()
     methods = args.methods or [m for m in available_methods() if not m.startswith("test-")]
     methods = ["sequential", "joint"] + [m for m in methods if m not in ("sequential", "joint")]
     tasks = [str(p) for p in build("hippocampus-sites", args.data_root, seed=args.seed, spacing=DEMO_SPACING_MM)]
-    for m in methods:
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if args.jobs > 1 else None
+
+    def run(m: str) -> None:
         print(f"== {m}", flush=True)
         cmd = [sys.executable, "-m", "lifelong_nnunet.cli", "run", "--tasks", *tasks, "--method", m,
                "--epochs", str(args.epochs), "--iterations", str(args.iterations), "--seed", str(args.seed),
                "-o", str(args.out / m), "-q"]
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=env)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(run, ["joint"] + [m for m in methods if m != "joint"]))  # the longest run first
     summaries = {m: read_json(args.out / m / "summary.json") for m in methods}
     seq, joint = summaries["sequential"], summaries["joint"]
     rows = []
@@ -64,7 +74,9 @@ def main() -> None:
                      f"{fmt(r['gap_to_joint'], '+.3f')} | {fmt(r['train_time_vs_sequential'], '.2f')}x | "
                      f"{fmt(r['peak_rss_mb'], '.0f')} |")
     text = "\n".join(lines) + (f"\n\nhippocampus-sites (3 sites), {args.epochs} epochs x {args.iterations} iterations "
-                               f"per stage (joint: the whole sequence's budget), seed {args.seed}, CPU.\n")
+                               f"per stage (joint: the whole sequence's budget), seed {args.seed}, CPU, "
+                               f"{args.jobs} run(s) at once with {threads if args.jobs > 1 else 'default'} thread(s) "
+                               "each.\n")
     write_text(args.results / "methods.md", text)
     write_json(args.results / "methods.json", rows)
     print(text)

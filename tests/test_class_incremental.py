@@ -482,6 +482,13 @@ def test_frozen_encoder_decoders_end_to_end(fed_run, structure_tasks, tmp_path):
     assert set(np.unique(np.asarray(pred.dataobj))) <= set(labels.values())
     results = (run / "results.csv").read_text()
     assert "epsilon" in results and "alpha" in results
+    # the merge gate: every stage described its task's images, evaluation gated each test case, predict records it
+    assert all((run / "stages" / f"stage_{i}" / "task_description.json").is_file() for i in (1, 2, 3))
+    assert "Stage 3 merge gate: " in (run / "run.log").read_text()
+    import pandas as pd
+    gates = pd.read_csv(tmp_path / "pred" / "task_choices.csv")
+    assert len(gates) == len(out) and set(gates.rule) == {"description-gate"}
+    assert all(set(str(k).split(";")) <= set(names) for k in gates.kept)
 
 
 @pytest.mark.slow

@@ -11,7 +11,14 @@ import torch
 from .errors import UserInputError
 from .io_utils import atomic_directory, atomic_write, write_json
 from .names import names_task
-from .run_folder import NnunetModelFolder, PredictionFolder, RunFolder, is_one_model_per_task, load_model
+from .run_folder import (
+    NnunetModelFolder,
+    PredictionFolder,
+    RunFolder,
+    RunFolderError,
+    is_one_model_per_task,
+    load_model,
+)
 from .task_inference import TASK_CHOICES, TaskChoice, choose, image_features
 
 
@@ -159,6 +166,32 @@ def task_chooser(run: RunFolder, method, network, seen: list[str], rule: str,
     return by_description
 
 
+def part_gate(run: RunFolder, method, network, seen: list[str], up_to_stage: int | None = None
+              ) -> Callable[[Any], dict] | None:
+    """For a method that gates its parts by the stages' image descriptions (`Method.gate_parts`): a function of one
+    preprocessed image that sets the gate on ``network`` and returns the image's record (the tasks kept and gated
+    out, the out-of-distribution flag, the distance to each task). ``None`` when the method does not gate this
+    network. A stage without a description (trained before the descriptions existed) raises `RunFolderError`.
+
+    ``up_to_stage``: only the descriptions of stages up to this one (the model of an earlier stage)."""
+    if not method.describes_images or method.infers_task or method.gate_parts(network, {}) is None:
+        return None
+    stages = [s.index for s in run.read_schedule() if set(s.train_tasks) & set(seen)
+              and (up_to_stage is None or s.index <= up_to_stage)]
+    descriptions = run.read_task_descriptions(stages)
+
+    def gate(preprocessed) -> dict:
+        features = image_features(preprocessed)
+        distance = {t: d.distance(features) for t, d in descriptions.items()}
+        fit = {t: distance[t] <= descriptions[t].threshold for t in descriptions}
+        kept = method.gate_parts(network, fit)
+        return {"rule": "description-gate", "kept": ";".join(kept),
+                "gated_out": ";".join(t for t in seen if t not in kept), "ood": not any(fit.values()),
+                **{f"score_{t}": v for t, v in distance.items()},
+                **{f"threshold_{t}": d.threshold for t, d in descriptions.items()}}
+    return gate
+
+
 def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None = None, device: str = "auto",
             probabilities: bool = False, mirroring: bool = False, progress=None, task_choice: str = "description",
             warn: Callable[[str], None] = print) -> list[Path]:
@@ -186,12 +219,25 @@ def predict(run_dir: Path, input_dir: Path, output_dir: Path, task: str | None =
     chooser = None if task is not None else task_chooser(RunFolder(run_dir), method, full_net, seen, task_choice,
                                                          make_segmenter)
     seg = make_segmenter(net)
+    gate = None
+    if chooser is None:
+        try:
+            gate = part_gate(RunFolder(run_dir), method, net, seen)
+        except RunFolderError:
+            warn(f"A stage of the run in {run_dir} has no description of its images (it was trained before the "
+                 f"merge gate existed), so every decoder takes part in every image's merge.")
     output = PredictionFolder(Path(output_dir))
     output.root.mkdir(parents=True, exist_ok=True)
     written = []
     by_task, choices = {}, []
     for i, (case, files) in enumerate(sorted(cases.items())):
         image, props = seg.read(files)
+        if gate is not None:
+            record = {"case": case, **gate(seg.preprocess(image, props))}
+            choices.append(record)
+            if record["ood"]:
+                warn(f"Case '{case}' fits no trained task's images (distances beyond every task's threshold), so "
+                     f"every decoder takes part in its merge. Check its segmentation before use.")
         if chooser is not None:
             choice = chooser(image, props)
             choices.append(choice.record(case))

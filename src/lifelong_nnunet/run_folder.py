@@ -31,7 +31,7 @@ A run folder (``RUN_FORMAT`` 2)::
                          seconds, peak memory and device, written while it happens (optional in every format: a
                          folder written before it existed reads as "not recorded")
     stages/stage_<k>/nnunet/     nnU-Net's own results folder while the stage trains
-    stages/stage_<k>/task_description.json    methods with per-task parts (heads): what each task of the stage
+    stages/stage_<k>/task_description.json    methods with per-task parts (heads, gated decoders): what each task
                          looks like, parameters only (task_inference.StageDescription), for predict without --task
     stages/stage_<k>/eval_task_agnostic/<task>.csv    the same cell scored with the head task inference chose per
                          case (RESULT_COLUMNS + chosen_task, ood)

@@ -184,6 +184,12 @@ def choose(descriptions: Mapping[str, StageDescription], features: np.ndarray,
     return TaskChoice(best, "description", margin, scores, bool(scores[best] > threshold), threshold)
 
 
+def fits(descriptions: Mapping[str, StageDescription], features: np.ndarray) -> dict[str, bool]:
+    """Per described task: whether the image lies within that task's out-of-distribution threshold (the test
+    `choose` flags ``ood`` with, applied to every task rather than the nearest only)."""
+    return {t: d.distance(features) <= d.threshold for t, d in descriptions.items()}
+
+
 def entropy_choice(task: str, scores: Mapping[str, float]) -> TaskChoice:
     """A choice made by the entropy rule (`networks.multihead.choose_head`), in the same record."""
     ranked = sorted(scores.values())

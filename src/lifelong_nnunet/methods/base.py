@@ -13,7 +13,7 @@ attributes onto the trainer and no method probes for them. A method's parameters
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, get_args, runtime_checkable
@@ -182,6 +182,10 @@ class Method:
     #: True when the method has per-task parts to choose between at prediction time (one head per task): each stage
     #: then stores a description of its images (`task_inference`), and `predict` without --task infers the task.
     infers_task: ClassVar[bool] = False
+    #: True when each stage stores a description of its images (`task_inference`) that the method uses at prediction
+    #: time without choosing one task: `gate_parts` then keeps an image's parts to the tasks whose images it fits.
+    #: Methods with ``infers_task`` are described too.
+    describes_images: ClassVar[bool] = False
     #: Scenarios the method is defined for ("domain": same labels, new appearance; "class": new structures).
     scenarios: ClassVar[tuple[Scenario, ...]] = ("domain", "class")
 
@@ -308,6 +312,13 @@ class Method:
         ``segment_with(module)`` returns the class probabilities ``module`` gives for the image (channels first,
         through nnU-Net's sliding-window predictor); ``tasks`` are the candidates (the tasks the model was trained
         on). ``predict`` records every choice in its per-case file (`PredictionFolder.task_choices`)."""
+        return None
+
+    def gate_parts(self, network: torch.nn.Module, fits: Mapping[str, bool]) -> list[str] | None:
+        """Before each image, for a method with ``describes_images``: restrict ``network`` to the parts of the tasks
+        whose stages' images this image fits (``fits``: task -> within that task's threshold, `task_inference.fits`)
+        and return the tasks kept, or ``None`` when the method does not gate (the default). Called with an empty
+        mapping to lift the gate."""
         return None
 
     # ---- resume --------------------------------------------------------------------------------------------

@@ -107,6 +107,8 @@ class EncoderDecoders(nn.Module):
         self.num_classes = int(num_classes)
         self.min_confidence = float(min_confidence)
         self.active: str | None = None
+        #: the merge's decoders for the next images (None: all); `FrozenEncoderDecoders.gate_parts` sets it per image
+        self.allowed: list[str] | None = None
         self.encoder_frozen = False
 
     def add(self, task: str, decoder: TaskDecoder) -> None:
@@ -137,13 +139,23 @@ class EncoderDecoders(nn.Module):
         skips = self.encoder(x)
         if self.active is not None:
             return self.decoder(self.active)(skips)
+        tasks = self.merged_tasks()
         outputs = []
-        for task in self.tasks:
+        for task in tasks:
             out = self.decoder(task)(skips)
             outputs.append(out[0] if isinstance(out, (list, tuple)) else out)
-        return merge_decoders(outputs, [self.decoder(t).class_map.tolist() for t in self.tasks],
-                              [float(self.decoder(t).temperature) for t in self.tasks], self.num_classes,
+        return merge_decoders(outputs, [self.decoder(t).class_map.tolist() for t in tasks],
+                              [float(self.decoder(t).temperature) for t in tasks], self.num_classes,
                               self.min_confidence)
+
+    def merged_tasks(self) -> list[str]:
+        """The decoders the merge uses: every task's, or those ``allowed`` (a gate that leaves none is a bug)."""
+        if self.allowed is None:
+            return list(self.tasks)
+        tasks = [t for t in self.tasks if t in self.allowed]
+        if not tasks:
+            raise ValueError(f"the gate allows none of the decoders {self.tasks} (allowed: {self.allowed})")
+        return tasks
 
     def freeze(self, frozen_tasks: Sequence[str], freeze_encoder: bool) -> None:
         """No gradients (so SGD leaves them bitwise unchanged) for the encoder and the given tasks' decoders."""

@@ -1,9 +1,10 @@
 """Describing a stage's images for task inference, from the stage's preprocessed training data.
 
-Runs when a stage of a method with per-task parts (``Method.infers_task``) has trained, while its preprocessed
-training cases are still in the run's cache workspace. Each task of the stage gets a `task_inference.StageDescription`
-fitted on the task's training cases (nnU-Net's training and validation cases, never the test cases) with its
-threshold calibrated by leave-one-out over them. Only the parameters are written to the run folder.
+Runs when a stage of a method with per-task parts (``Method.infers_task`` or ``describes_images``) has trained,
+while its preprocessed training cases are still in the run's cache workspace. Each task of the stage gets a
+`task_inference.StageDescription` fitted on the task's training cases (nnU-Net's training and validation cases, never
+the test cases) with its threshold calibrated by leave-one-out over them. Only the parameters are written to the run
+folder.
 """
 from __future__ import annotations
 

@@ -39,8 +39,9 @@ def evaluate_stage(ctx: RunContext, index: int, trained_on: str) -> None:
     net = method.adapt_network(net, ctx.tasks_trained_by(index))
     net.load_state_dict(stored["network_weights"])
     dataset_json = known_labels_json(ctx.dataset_json, labels, ctx.tasks_trained_by(index))
+    gate = merge_gate(ctx, net, index)
     session = Session(ctx.run, index, "evaluate", ctx.device)
-    started, means = time.time(), {}
+    started, means, gated = time.time(), {}, {"cases": 0, "gated": 0, "ood": 0}
     with progress_bar(ctx.log.quiet) as bar:
         job = bar.add_task(f"Evaluating stage {index}", total=sum(len(t.test_cases) for t in todo), info="")
         for t in todo:
@@ -49,7 +50,13 @@ def evaluate_stage(ctx: RunContext, index: int, trained_on: str) -> None:
                             dataset_json, ctx.device, exp.evaluation.mirroring, exp.evaluation.tile_step_size)
             for cid in t.test_cases:
                 case = t.cases[cid]
-                pred, props = seg.predict_files(list(case.images))
+                image, props = seg.read(list(case.images))
+                if gate is not None:  # this image's decoders, from the stages' image descriptions
+                    record = gate(seg.preprocess(image, props))
+                    gated["cases"] += 1
+                    gated["gated"] += bool(record["gated_out"])
+                    gated["ood"] += record["ood"]
+                pred = seg.predict_arrays(image, props)
                 ref = read_label(case.label)
                 if labels.is_class_incremental:  # the task's local values -> global IDs of the model
                     ref = np.asarray(labels.lut(t.name))[ref.astype(np.int64)]
@@ -66,3 +73,18 @@ def evaluate_stage(ctx: RunContext, index: int, trained_on: str) -> None:
             means[t.short_name] = df[df.metric == "dice"].value.mean()
     ctx.log(f"Stage {index} evaluated in {time.time() - started:.0f} s: "
             + ", ".join(f"{k} Dice {v:.3f}" for k, v in means.items()))
+    if gate is not None:
+        ctx.log(f"Stage {index} merge gate: {gated['gated']} of {gated['cases']} test case(s) left out at least one "
+                f"decoder, {gated['ood']} fit no task's images (every decoder kept)")
+
+
+def merge_gate(ctx: RunContext, net, index: int):
+    """`deploy.part_gate` for stage ``index``'s model, or None (logged when a stage lacks its description)."""
+    from ..deploy import part_gate
+    from ..run_folder import RunFolderError
+    try:
+        return part_gate(ctx.run, ctx.method, net, ctx.tasks_trained_by(index), up_to_stage=index)
+    except RunFolderError:
+        ctx.log(f"Stage {index}: every decoder takes part in every image's merge (no gate): a stage up to {index} "
+                f"has no description of its images (trained before the descriptions existed, or imported)")
+        return None

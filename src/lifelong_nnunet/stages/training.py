@@ -141,7 +141,7 @@ class StageTraining:
                     ctx.method.after_stage(trainer, stage)
         if ctx.method.keeps_old_data:
             self.keep_for_replay(stage)
-        if ctx.method.infers_task:  # before model.pt: a stage with a model is complete, description included
+        if ctx.method.infers_task or ctx.method.describes_images:  # before model.pt: a complete stage is described
             from .description import describe_stage
             describe_stage(ctx, stage)
         session.save()
