@@ -52,8 +52,8 @@ def inverted_copy(folder: Path, dest: Path) -> Path:
     return dest
 
 
-def sequence(name: str, root: Path, seed: int) -> list[Path]:
-    folders = build("synthetic-structures", root / "shared", seed=seed)
+def sequence(name: str, root: Path, seed: int, subjects: int) -> list[Path]:
+    folders = build("synthetic-structures", root / "shared", seed=seed, subjects=subjects)
     if name == "shared":
         return folders
     return [inverted_copy(f, root / "mixed" / f.name) if i == 1 else f for i, f in enumerate(folders)]
@@ -79,6 +79,7 @@ def measure(run_dir: Path, folders: list[Path]) -> dict:
         wanted = labels.eval_labels(task.name)
         dice = {"gated": [], "ungated": []}
         counts = {"cases": 0, "gated_out_any": 0, "own_kept": 0, "ood": 0}
+        changed = []  # share of voxels whose merged label the gate changes
         for cid in splits[task.name]:
             case = task.cases[cid]
             image, props = seg.read(list(case.images))
@@ -95,10 +96,12 @@ def measure(run_dir: Path, folders: list[Path]) -> dict:
             predict_s.append(time.perf_counter() - start)
             method.gate_parts(net, {})  # lifted: every decoder merges
             ungated = seg.predict_arrays(image, props)
+            changed.append(float(np.mean(gated != ungated)))
             for key, pred in (("gated", gated), ("ungated", ungated)):
                 scores = score_case(pred, ref, wanted, ("dice",), spacing=props["spacing"])
                 dice[key].append(statistics.mean(r["value"] for r in scores if r["metric"] == "dice"))
-        rows.append({"task": task.name, **counts, "dice_gated": statistics.mean(dice["gated"]),
+        rows.append({"task": task.name, **counts, "changed_voxels": statistics.mean(changed),
+                     "dice_gated": statistics.mean(dice["gated"]),
                      "dice_ungated": statistics.mean(dice["ungated"])})
     return {"tasks": rows, "gate_seconds_per_case": statistics.median(gate_s),
             "predict_seconds_per_case": statistics.median(predict_s)}
@@ -112,12 +115,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=25)
     parser.add_argument("--configuration", default="2d")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--subjects", type=int, default=8, help="subjects per task, 2 cases each")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    result = {"epochs": args.epochs, "iterations": args.iterations, "configuration": args.configuration,
-              "seed": args.seed, "sequences": {}}
+    result = {"subjects": args.subjects, "epochs": args.epochs, "iterations": args.iterations,
+              "configuration": args.configuration, "seed": args.seed, "sequences": {}}
     for name in SEQUENCES:
-        folders = sequence(name, args.data_root, args.seed)
+        folders = sequence(name, args.data_root, args.seed, args.subjects)
         out = args.out / name
         print(f"== {name}", flush=True)
         subprocess.run([sys.executable, "-m", "lifelong_nnunet.cli", "run", "--scenario", "class", "--tasks",
@@ -127,11 +131,11 @@ def main() -> None:
         result["sequences"][name] = measure(out, folders)
     write_json(args.results / "merge_gate.json", result)
     lines = ["| sequence | task | test cases | Dice without gate | Dice with gate | cases with a decoder gated out | "
-             "own decoder kept | fit no task |", "|---|---|---|---|---|---|---|---|"]
+             "own decoder kept | fit no task | voxels the gate changes |", "|---|---|---|---|---|---|---|---|---|"]
     for name, seq in result["sequences"].items():
         for r in seq["tasks"]:
             lines.append(f"| {name} | {r['task']} | {r['cases']} | {r['dice_ungated']:.3f} | {r['dice_gated']:.3f} | "
-                         f"{r['gated_out_any']} | {r['own_kept']} | {r['ood']} |")
+                         f"{r['gated_out_any']} | {r['own_kept']} | {r['ood']} | {r['changed_voxels']:.2%} |")
     lines += ["", "| sequence | mean Dice without gate | with gate | gate time per case | prediction per case | "
               "added |", "|---|---|---|---|---|---|"]
     for name, seq in result["sequences"].items():
@@ -140,7 +144,8 @@ def main() -> None:
         g, p = seq["gate_seconds_per_case"], seq["predict_seconds_per_case"]
         lines.append(f"| {name} | {without:.3f} | {with_:.3f} | {g * 1000:.0f} ms | {p * 1000:.0f} ms | {g / p:.0%} |")
     text = "\n".join(lines) + (
-        f"\n\nsynthetic-structures (A, B, C; \"mixed\": B's images contrast-inverted), frozen_encoder_decoders with "
+        f"\n\nsynthetic-structures (A, B, C, {args.subjects} subjects x 2 variants each; \"mixed\": B's images "
+        f"contrast-inverted), frozen_encoder_decoders with "
         f"compress: false, nnU-Net {args.configuration}, {args.epochs} epochs x {args.iterations} iterations per "
         f"stage, seed {args.seed}, CPU. Times are medians over every test case.\n")
     write_text(args.results / "merge_gate.md", text)

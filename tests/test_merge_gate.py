@@ -57,12 +57,12 @@ def test_an_image_that_fits_no_task_keeps_every_decoder_and_an_empty_fit_lifts_t
     assert method.gate_parts(net, {A: True}) == [A, B]  # B has no description: never gated out
 
 
-def test_gate_false_and_the_first_stage_have_nothing_to_gate(space):
+def test_gate_false_and_the_untrained_network_have_nothing_to_gate(space):
     off = create_method("frozen_encoder_decoders", {"gate": False}, labels=space)
     net = off.adapt_network(_unet(3, deep_supervision=False), [A, B])
     assert off.gate_parts(net, {A: True, B: False}) is None and net.allowed is None
     on = create_method("frozen_encoder_decoders", {}, labels=space)
-    assert on.gate_parts(_unet(3), {A: True}) is None  # stage 1: one plain network
+    assert on.gate_parts(_unet(3), {A: True}) is None  # stage 0: nnU-Net's plain network, no decoders
     with pytest.raises(ValueError, match="allows none"):
         net.allowed = []
         net(torch.randn(1, 1, 16, 16, 16))

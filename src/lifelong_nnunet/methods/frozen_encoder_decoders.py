@@ -155,8 +155,8 @@ class FrozenEncoderDecoders(Method):
     def gate_parts(self, network: torch.nn.Module, fits: Mapping[str, bool]) -> list[str] | None:
         """The decoders that may claim this image's voxels: those of the tasks it fits (a task without a
         description is kept). An image that fits no task keeps every decoder (there is no better-founded subset;
-        the per-case record flags it as out of distribution); an empty ``fits`` lifts the gate. None before stage 2
-        (one network, nothing to gate) or with ``gate: false``."""
+        the per-case record flags it as out of distribution); an empty ``fits`` lifts the gate. None for the untrained
+        stage-0 network (no decoders) or with ``gate: false``."""
         network = unwrap(network)
         if not isinstance(network, EncoderDecoders) or not self.config["gate"]:
             return None
