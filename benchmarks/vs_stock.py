@@ -279,6 +279,29 @@ def mean_sd(matrices: list[list[list[float]]]) -> tuple[np.ndarray, np.ndarray]:
     return stack.mean(0), (stack.std(0, ddof=1) if len(stack) > 1 else np.full(stack.shape[1:], np.nan))
 
 
+def sequence_measures(R: list[list[float]]) -> dict:
+    """The continual-learning numbers of one matrix R[stage][task] (stages 1..T): final average, mean forgetting
+    (best earlier value minus final, over every task but the last) and the first task after the last stage."""
+    r = np.asarray(R, dtype=float)
+    forgetting = [r[:-1, t].max() - r[-1, t] for t in range(r.shape[1] - 1)]
+    return {"final_average": float(r[-1].mean()), "mean_forgetting": float(np.mean(forgetting)),
+            "first_task_final": float(r[-1, 0])}
+
+
+def spread(ours: list[dict], stock: list[dict]) -> dict:
+    """Per measure: both ways' values per seed, their means and sds, and the difference of the means in units of
+    the larger sd (under 2: within the run-to-run spread)."""
+    out = {}
+    for key in ("final_average", "mean_forgetting", "first_task_final"):
+        a = [sequence_measures(r["R"])[key] for r in ours]
+        b = [sequence_measures(r["R"])[key] for r in stock]
+        sd = max(statistics.stdev(a), statistics.stdev(b)) if len(a) > 1 and len(b) > 1 else float("nan")
+        diff = statistics.mean(a) - statistics.mean(b)
+        out[key] = {"ours": a, "stock": b, "difference": diff, "larger_sd": sd,
+                    "difference_in_sds": diff / sd if sd and np.isfinite(sd) else float("nan")}
+    return out
+
+
 TRANSFER = {"pretrained": "every weight but the output layers (`-pretrained_weights`)", "full": "every weight"}
 
 
@@ -308,6 +331,15 @@ def render(result: dict) -> str:
         for i, (m, s) in enumerate(zip(mean, sd), start=1):
             cells = [f"{a:.3f} ± {b:.3f}" if np.isfinite(b) else f"{a:.3f}" for a, b in zip(m, s)]
             lines.append(f"| {i} | " + " | ".join(cells) + f" | {m.mean():.3f} |")
+    if "sequence" in result:
+        lines += ["\nPer seed, both ways (ours − stock; in units of the larger of the two sds):\n",
+                  "| measure | ours | stock | difference | in sds |", "|---|---|---|---|---|"]
+        names = {"final_average": "final average", "mean_forgetting": "mean forgetting",
+                 "first_task_final": f"{result['tasks'][0]} after the last stage"}
+        for key, m in result["sequence"].items():
+            lines.append(f"| {names[key]} | {', '.join(f'{v:.3f}' for v in m['ours'])} | "
+                         f"{', '.join(f'{v:.3f}' for v in m['stock'])} | {m['difference']:+.3f} | "
+                         f"{m['difference_in_sds']:+.1f} |")
     d = result["dice_agreement"]
     lines.append(
         f"\nOur Dice against `compute_metrics_on_folder`'s on the same (stock) predictions, {d['pairs']} (case, "
@@ -360,6 +392,7 @@ def main() -> None:
         "phases": phase_table(ours, stock, iterations),
         "R": {way: dict(zip(("mean", "sd"), (a.tolist() for a in mean_sd([r["R"] for r in runs]))))
               for way, runs in (("ours", ours), ("stock", stock))},
+        "sequence": spread(ours, stock),
         "dice_agreement": {"pairs": len(comparison), "comparable": len(comparable),
                            "max_abs_difference": max((abs(c["ours"] - c["nnunet"]) for c in comparable), default=0.0),
                            "absent_from_both": sum(c["absent_from_both"] for c in comparison),
