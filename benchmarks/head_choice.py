@@ -1,6 +1,6 @@
-"""How well a multi-head model picks its head by itself at prediction time, on the demo's test cases.
+"""How well a multi-head model picks its head by itself at prediction time, on its runs' test cases.
 
-    .venv/bin/python benchmarks/head_choice.py runs/demo/multihead runs/demo/frozen_body
+    .venv/bin/python benchmarks/head_choice.py runs/demo/multihead runs/demo/frozen_body [--name head_choice]
 
 For every task's held-out test cases and both rules `predict` offers without `--task` (the stages' image
 descriptions, the default, and the least uncertain head, the baseline): the head chosen, whether it is the case's
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="The runs' cache (their --cache-dir), to describe stages trained before task inference.")
     parser.add_argument("--note", default="", help="What the runs were (budget, machine), for the results file.")
+    parser.add_argument("--name", default="head_choice", help="results file name (without extension)")
     args = parser.parse_args()
     results = [evaluate(r, args.cache_dir) for r in args.runs]
     lines = ["| method | rule | right head chosen | mean Dice, chosen head | mean Dice, oracle head (--task) | "
@@ -139,13 +140,14 @@ def main() -> None:
                       f"(distance {r['noise_image_distance_over_threshold']:.0f}x the threshold)" for r in results)
     unseen = "; ".join(f"{r['method']}: " + ", ".join(f"{short_task_name(t)} {v:.0%}" for t, v in
                                                       r["unseen_site_flagged"].items()) for r in results)
-    text = ("\n".join(lines) + "\n\nAll test cases of the three hippocampus-sites tasks, final model of each run. "
+    sites = ", ".join(short_task_name(t) for t in results[0]["unseen_site_flagged"])
+    text = ("\n".join(lines) + f"\n\nAll test cases of the tasks ({sites}), final model of each run. "
             "Entropy: every head segments the image, so its added time is the other heads' predictions. "
             f"One image of uniform noise per run: {noise}. A site the model never saw (each task's test cases "
             f"against the other tasks' descriptions only), share flagged OOD: {unseen}.\n"
             + (f"\n{args.note}\n" if args.note else ""))
-    write_text(args.results / "head_choice.md", text)
-    write_json(args.results / "head_choice.json", {"note": args.note, "runs": results})
+    write_text(args.results / f"{args.name}.md", text)
+    write_json(args.results / f"{args.name}.json", {"note": args.note, "runs": results})
     print(text)
 
 
