@@ -316,8 +316,8 @@ class Method:
 
     def gate_parts(self, network: torch.nn.Module, fits: Mapping[str, bool]) -> list[str] | None:
         """Before each image, for a method with ``describes_images``: restrict ``network`` to the parts of the tasks
-        whose stages' images this image fits (``fits``: task -> within that task's threshold, `task_inference.fits`)
-        and return the tasks kept, or ``None`` when the method does not gate (the default). Called with an empty
+        whose stages' images this image fits (``fits``: task -> within that task's threshold, `deploy.part_gate`) and
+        return the tasks kept, or ``None`` when the method does not gate (the default). Called with an empty
         mapping to lift the gate."""
         return None
 

@@ -79,12 +79,24 @@ def evaluate_stage(ctx: RunContext, index: int, trained_on: str) -> None:
 
 
 def merge_gate(ctx: RunContext, net, index: int):
-    """`deploy.part_gate` for stage ``index``'s model, or None (logged when a stage lacks its description)."""
-    from ..deploy import part_gate
+    """`deploy.part_gate` for stage ``index``'s model, or None (logged when a stage lacks its description, or when
+    the tasks normalise their images differently, so that one image's statistics cannot be set against every task's
+    description)."""
+    from ..deploy import part_gate, plans_for_images
+    from ..errors import UserInputError
     from ..run_folder import RunFolderError
+    seen = ctx.tasks_trained_by(index)
     try:
-        return part_gate(ctx.run, ctx.method, net, ctx.tasks_trained_by(index), up_to_stage=index)
+        gate = part_gate(ctx.run, ctx.method, net, seen, up_to_stage=index)
     except RunFolderError:
         ctx.log(f"Stage {index}: every decoder takes part in every image's merge (no gate): a stage up to {index} "
                 f"has no description of its images (trained before the descriptions existed, or imported)")
         return None
+    if gate is not None:
+        try:
+            plans_for_images(ctx.run.root, None, seen)  # refuses when the tasks normalise differently
+        except UserInputError:
+            ctx.log(f"Stage {index}: every decoder takes part in every image's merge (no gate): the tasks normalise "
+                    f"their images differently")
+            return None
+    return gate
