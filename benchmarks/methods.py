@@ -24,7 +24,7 @@ from pathlib import Path
 from lifelong_nnunet.datasets import build
 from lifelong_nnunet.demo import DEMO_SPACING_MM
 from lifelong_nnunet.io_utils import read_json, write_json, write_text
-from lifelong_nnunet.methods import available_methods
+from lifelong_nnunet.methods import available_methods, create_method
 
 
 #: The methods the issue's target applies to: cut sequential's forgetting by >= 50%, losing <= 0.05 plasticity.
@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores // jobs threads")
     args = parser.parse_args()
-    methods = args.methods or [m for m in available_methods() if not m.startswith("test-")]
+    methods = args.methods or [m for m in available_methods() if not m.startswith("test-")
+                               and "domain" in create_method(m).scenarios]  # the demo is domain-incremental
     methods = ["sequential", "joint"] + [m for m in methods if m not in ("sequential", "joint")]
     tasks = [str(p) for p in build("hippocampus-sites", args.data_root, seed=args.seed, spacing=DEMO_SPACING_MM)]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)

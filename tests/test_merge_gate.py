@@ -12,10 +12,17 @@ from lifelong_nnunet import task_inference as ti
 from lifelong_nnunet.deploy import part_gate
 from lifelong_nnunet.methods import Stage, create_method
 from lifelong_nnunet.networks.encoder_decoders import EncoderDecoders
-from test_class_incremental import _unet, space  # noqa: F401  (the fixture)
+from lifelong_nnunet.labels import LabelSpace
+from test_class_incremental import _task, _unet
 from test_task_inference import SHAPE, site_image
 
 A, B = "Dataset001_A", "Dataset002_B"
+
+
+@pytest.fixture
+def space() -> LabelSpace:
+    return LabelSpace.from_tasks([_task(A, {"background": 0, "alpha": 1, "beta": 2}, 1),
+                                  _task(B, {"background": 0, "gamma": 1, "delta": 2}, 2)], "class")
 
 
 def _confident_b(space):
