@@ -29,7 +29,7 @@ from lifelong_nnunet.nnunet.env import resolve_device
 from lifelong_nnunet.nnunet.planning import Workspace
 from lifelong_nnunet.nnunet.trainer import build_network
 from lifelong_nnunet.run_folder import RunFolder, load_model, save_model
-from lifelong_nnunet.runner import default_cache_dir, prepare
+from lifelong_nnunet.runner import default_cache_dir, planning_for, prepare
 from lifelong_nnunet.stages import RunContext, StageTraining
 
 TARGETS = {"regularisation": 1.10, "distillation": 1.6}
@@ -62,7 +62,8 @@ def measure(run_dir: Path, method: str, steps: int, scratch: Path) -> dict:
     stages = [Stage(1, (tasks[0].name,)), Stage(2, (tasks[1].name,))]
     write_json(folder / "schedule.json", [{"index": s.index, "train_tasks": list(s.train_tasks), "init": s.init,
                                             "budget": 1.0} for s in stages])
-    workspace = Workspace(Path(exp.cache_dir) if exp.cache_dir else default_cache_dir(), tasks, exp.configuration)
+    workspace = Workspace(Path(exp.cache_dir) if exp.cache_dir else default_cache_dir(), tasks, exp.configuration,
+                          plan_with=exp.plan_with, planning=planning_for(RunFolder(run_dir), exp))  # the run's
     training = StageTraining(RunContext(exp, RunFolder(folder), workspace, tasks, method_impl,
                                         resolve_device(exp.device), RunLog(quiet=True), labels, stages))
     with training.stage_env(stages[0]):  # importances/teachers of the finished first task, as in a real run
